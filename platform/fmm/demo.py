@@ -16,14 +16,14 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
-
 from fmm.flowmap import FlowMap
 from fmm.groundtruth import ExactVelocity, make_target, reference_flow_map
 from fmm.interpolants import Interpolant
 from fmm.metrics import energy_distance, map_rmse, sliced_wasserstein
 from fmm.nets import TwoTimeMLP
+from fmm.objectives import make_objective
 from fmm.sampling import flow_map_sample, solve_ode
+from fmm.training import fit
 
 
 @dataclass(frozen=True)
@@ -50,25 +50,6 @@ class DemoRow:
     rmse_euler: float
 
 
-def lmd_loss(model: FlowMap, teacher: ExactVelocity, interpolant: Interpolant, x1: Tensor,
-             diagonal_fraction: float, generator: torch.Generator) -> Tensor:
-    batch = x1.shape[0]
-    n_diag = int(round(diagonal_fraction * batch))
-    t_max = teacher.t_max if teacher.t_max is not None else 1.0
-    x0 = interpolant.base_sample(x1.shape, generator=generator)
-
-    t_diag = torch.rand(n_diag, generator=generator) * t_max
-    x_diag = interpolant.interpolate(t_diag, x0[:n_diag], x1[:n_diag]).x_t
-    diag = (model.velocity(t_diag, x_diag) - teacher(t_diag, x_diag)).pow(2).sum(1).mean()
-
-    u = torch.rand(batch - n_diag, 2, generator=generator) * t_max
-    s, t = u.min(1).values, u.max(1).values
-    x_s = interpolant.interpolate(s, x0[n_diag:], x1[n_diag:]).x_t
-    x_t, dx_dt = model.time_jvp(s, t, x_s)
-    off = (dx_dt - teacher(t, x_t.detach())).pow(2).sum(1).mean()
-    return diagonal_fraction * diag + (1 - diagonal_fraction) * off
-
-
 def run_demo(cfg: DemoConfig, log=print) -> list[DemoRow]:
     """Train for cfg.steps steps, then score the map and the teacher's Euler solver at each step count."""
     torch.manual_seed(cfg.seed)
@@ -76,23 +57,20 @@ def run_demo(cfg: DemoConfig, log=print) -> list[DemoRow]:
     target = make_target(cfg.target)
     interpolant = Interpolant("linear", sigma0=1.0)
     teacher = ExactVelocity(target, interpolant)
+    t_max = teacher.t_max if teacher.t_max is not None else 1.0
+    objective = make_objective({"name": "lmd", "diagonal_fraction": cfg.diagonal_fraction,
+                                "time_sampling": {"t_max": t_max}}, interpolant)
     model = FlowMap(TwoTimeMLP(dim=target.dim, width=cfg.width, depth=cfg.depth))
-    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, cfg.steps)
 
-    log(f"fitting a flow map to the exact {cfg.target} velocity: {cfg.steps} steps, batch {cfg.batch}, "
+    log(f"fitting a flow map to the exact {cfg.target} velocity (LMD): {cfg.steps} steps, batch {cfg.batch}, "
         f"{model.net.num_parameters():,} parameters")
     start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        x1 = target.sample(cfg.batch, generator).float()
-        loss = lmd_loss(model, teacher, interpolant, x1, cfg.diagonal_fraction, generator)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
-        schedule.step()
-        if step % max(1, cfg.steps // 10) == 0 or step == cfg.steps:
-            log(f"  step {step:5d}  loss {loss.item():.4f}  {step / (time.perf_counter() - start):.0f} steps/s")
+
+    def progress(step: int, logs: dict) -> None:
+        log(f"  step {step:5d}  loss {logs['loss'].item():.4f}  {step / (time.perf_counter() - start):.0f} steps/s")
+
+    fit(model, objective, lambda n: target.sample(n, generator).float(), steps=cfg.steps, batch=cfg.batch,
+        lr=cfg.lr, teacher=teacher, log=progress, log_every=max(1, cfg.steps // 10))
 
     eval_gen = torch.Generator().manual_seed(cfg.seed + 1)
     noise = interpolant.base_sample((cfg.samples, target.dim), generator=eval_gen, dtype=torch.float64)

@@ -7,6 +7,7 @@ velocity. The derivatives the objectives need come from torch.func.jvp in one fo
 
     time_jvp:     (X_{s,t}(x), d/dt X_{s,t}(x))                           Lagrangian terms (LMD, LSD)
     eulerian_jvp: (X_{s,t}(x), d/ds X_{s,t}(x) + grad_x X_{s,t}(x) . b)   Eulerian terms (EMD, ESD)
+    jvp:          any tangent (ds, dt, dx) at once
 
 The time arguments are per-sample [B] vectors, so a tangent of ones gives the per-sample partial
 derivative; this relies on no layer mixing batch elements.
@@ -26,21 +27,25 @@ VelocityField = Callable[[Tensor, Tensor], Tensor]
 """b(t, x): t of shape [B], x of shape [B, ...], returns [B, ...]."""
 
 
-class FlowMap(nn.Module):
-    """X_{s,t}(x) = x + (t - s) v_theta(s, t, x) around a two-time network."""
+class TwoTimeMap(nn.Module):
+    """What the objectives and samplers see of a flow map: X, its slope v, its diagonal, its JVPs.
 
-    def __init__(self, net: TwoTimeNet):
-        super().__init__()
-        self.net = net
+    Subclasses give `_map(s, t, x)` and `_slope(s, t, x)` on already-checked [B] time vectors.
+    """
+
+    sample_shape: tuple[int, ...] = ()
+
+    def _map(self, s: Tensor, t: Tensor, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _slope(self, s: Tensor, t: Tensor, x: Tensor) -> Tensor:
+        raise NotImplementedError
 
     def _times(self, s: Tensor | float, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
         s, t = batch_times(s, x, "s"), batch_times(t, x, "t")
         check_unit_interval(s, "s")
         check_unit_interval(t, "t")
         return s, t
-
-    def _map(self, s: Tensor, t: Tensor, x: Tensor) -> Tensor:
-        return x + expand_like(t - s, x) * self.net(s, t, x)
 
     def forward(self, s: Tensor | float, t: Tensor | float, x: Tensor) -> Tensor:
         """X_{s,t}(x)."""
@@ -50,21 +55,42 @@ class FlowMap(nn.Module):
     def slope(self, s: Tensor | float, t: Tensor | float, x: Tensor) -> Tensor:
         """v_{s,t}(x), the average velocity of the chord from time s to time t."""
         s, t = self._times(s, t, x)
-        return self.net(s, t, x)
+        return self._slope(s, t, x)
 
     def velocity(self, t: Tensor | float, x: Tensor) -> Tensor:
-        """b_t(x) as the model sees it: the diagonal v_{t,t}(x)."""
+        """b_t(x) as the map sees it: the diagonal v_{t,t}(x)."""
         return self.slope(t, t, x)
+
+    def jvp(self, s: Tensor | float, t: Tensor | float, x: Tensor, ds: Tensor | float = 0.0,
+            dt: Tensor | float = 0.0, dx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(X_{s,t}(x), ds d/ds X + dt d/dt X + grad_x X . dx) in one forward-mode pass."""
+        s, t = self._times(s, t, x)
+        ds, dt = batch_times(ds, x, "ds"), batch_times(dt, x, "dt")
+        if dx is None:
+            dx = torch.zeros_like(x)
+        elif dx.shape != x.shape:
+            raise ValueError(f"the tangent dx must have the shape of x {tuple(x.shape)}; got {tuple(dx.shape)}.")
+        return torch.func.jvp(self._map, (s, t, x), (ds, dt, dx))
 
     def time_jvp(self, s: Tensor | float, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
         """(X_{s,t}(x), d/dt X_{s,t}(x)) with x held fixed."""
-        s, t = self._times(s, t, x)
-        return torch.func.jvp(lambda tt: self._map(s, tt, x), (t,), (torch.ones_like(t),))
+        return self.jvp(s, t, x, dt=1.0)
 
     def eulerian_jvp(self, s: Tensor | float, t: Tensor | float, x: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         """(X_{s,t}(x), d/ds X_{s,t}(x) + grad_x X_{s,t}(x) b): the Eulerian residual's two terms in one pass."""
-        s, t = self._times(s, t, x)
-        if b.shape != x.shape:
-            raise ValueError(f"the tangent b must have the shape of x {tuple(x.shape)}; got {tuple(b.shape)}.")
-        return torch.func.jvp(lambda ss, xx: self._map(ss, t, xx), (s, x), (torch.ones_like(s), b))
+        return self.jvp(s, t, x, ds=1.0, dx=b)
 
+
+class FlowMap(TwoTimeMap):
+    """X_{s,t}(x) = x + (t - s) v_theta(s, t, x) around a two-time network."""
+
+    def __init__(self, net: TwoTimeNet):
+        super().__init__()
+        self.net = net
+        self.sample_shape = tuple(net.sample_shape)
+
+    def _slope(self, s: Tensor, t: Tensor, x: Tensor) -> Tensor:
+        return self.net(s, t, x)
+
+    def _map(self, s: Tensor, t: Tensor, x: Tensor) -> Tensor:
+        return x + expand_like(t - s, x) * self.net(s, t, x)

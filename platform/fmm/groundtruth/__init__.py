@@ -8,7 +8,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from fmm.groundtruth.checkerboard import BoxMixture
-from fmm.groundtruth.mixture import GaussianMixture, GaussianTarget
+from fmm.groundtruth.mixture import GaussianFlowMap, GaussianMixture, GaussianTarget
 from fmm.groundtruth.reference import reference_flow_map
 from fmm.interpolants import Interpolant
 
@@ -36,10 +36,11 @@ class ExactVelocity:
     def __init__(self, target: Target, interpolant: Interpolant):
         self.target, self.interpolant = target, interpolant
         self.t_max = target.t_max
+        self.sample_shape = (target.dim,)
 
     def __call__(self, t: Tensor, x: Tensor) -> Tensor:
         return self.target.velocity(self.interpolant, t, x)
 
 
-__all__ = ["TARGETS", "BoxMixture", "ExactVelocity", "GaussianMixture", "GaussianTarget", "Target",
+__all__ = ["TARGETS", "BoxMixture", "ExactVelocity", "GaussianFlowMap", "GaussianMixture", "GaussianTarget", "Target",
            "make_target", "reference_flow_map"]

@@ -28,7 +28,9 @@ def make_network(name: str, **kwargs: Any) -> TwoTimeNet:
     for key in ("channel_mult", "attn_resolutions"):
         if isinstance(kwargs.get(key), list):
             kwargs[key] = tuple(kwargs[key])
-    return NETWORKS[name](**kwargs)
+    net = NETWORKS[name](**kwargs)
+    net.config = {"name": name, **kwargs}
+    return net
 
 
 __all__ = ["NETWORKS", "TwoTimeMLP", "TwoTimeNet", "TwoTimeUNet", "make_network", "network_parameters"]

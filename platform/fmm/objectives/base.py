@@ -1,0 +1,185 @@
+"""What every objective shares: options, the diagonal/off-diagonal batch split, weighting, teacher checks.
+
+An objective is a small nn.Module called as
+
+    loss, logs = objective(model, x1, teacher=teacher, step=step)
+
+where `model` is a TwoTimeMap (a FlowMap in training, an exact map in tests), `x1` a batch of data
+and `teacher` a velocity field b(t, x) for the distillation objectives. It draws its own noise x0
+(and latent noise z) and times from torch's global generator, which the training loop seeds per
+worker. A fraction `diagonal_fraction` (eta) of the batch trains the diagonal v_{t,t} (the tangent
+condition, as flow matching), the rest the objective's own off-diagonal term.
+
+Each term is a per-sample residual r; its per-sample loss is the mean of r^2 over the sample's
+entries, combined by the weighting:
+- uniform: the plain mean;
+- learned: e^{-w(s,t)} |r|^2 + w(s,t) with w a small network on (s, t) (EDM2's uncertainty
+  weighting in two times, LSD 2505.18825 §3.2); its parameters belong to the objective and must be
+  optimised with the model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from fmm.config import StrictModel
+from fmm.flowmap import TwoTimeMap, VelocityField
+from fmm.interpolants import Interpolant
+from fmm.nets.embedding import TwoTimeEmbedding
+from fmm.objectives.times import TimeSampling
+
+
+class ObjectiveOptions(StrictModel):
+    """Options every objective takes; subclasses add their own."""
+
+    diagonal_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    time_sampling: TimeSampling = TimeSampling()
+    weighting: Literal["uniform", "learned"] = "uniform"
+    weight_width: int = Field(128, ge=2)
+
+
+@dataclass
+class Term:
+    """A per-sample residual r [B, ...] at times (s, t) [B]."""
+
+    residual: Tensor
+    s: Tensor
+    t: Tensor
+
+
+class LearnedWeight(nn.Module):
+    """w(s, t): a scalar log-variance per time pair, zero at initialisation."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.embedding = TwoTimeEmbedding(width, time_scale=1.0)
+        self.out = nn.Linear(width, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, s: Tensor, t: Tensor) -> Tensor:
+        return self.out(self.embedding(s, t)).squeeze(1)
+
+
+def per_sample_mse(residual: Tensor) -> Tensor:
+    return residual.pow(2).flatten(1).mean(1)
+
+
+def lagrangian_residual(model: TwoTimeMap, s: Tensor, t: Tensor, x: Tensor,
+                        target_velocity, stop_gradient: bool = True) -> Tensor:
+    """d/dt X_{s,t}(x) - b_t(X_{s,t}(x)) from one time-JVP (LMD, LSD).
+
+    With `stop_gradient` the whole teacher term, input included, is a constant (LMD eq. (27), LSD);
+    without it gradients also flow through X into the teacher (LMD eq. (26)).
+    """
+    x_t, dx_dt = model.time_jvp(s, t, x)
+    if stop_gradient:
+        with torch.no_grad():
+            target = target_velocity(t, x_t.detach())
+    else:
+        target = target_velocity(t, x_t)
+    return dx_dt - target
+
+
+def eulerian_residual(model: TwoTimeMap, s: Tensor, t: Tensor, x: Tensor, b: Tensor,
+                      semigradient: bool = True) -> Tensor:
+    """d/ds X_{s,t}(x) + grad_x X_{s,t}(x) b (EMD, ESD, Eulerian direct estimation).
+
+    The semigradient form puts a stop-gradient on the spatial term grad_x X . b, which is computed
+    by a separate no-grad JVP; the full form backpropagates through one augmented JVP.
+    """
+    if not semigradient:
+        return model.eulerian_jvp(s, t, x, b)[1]
+    _, dx_ds = model.jvp(s, t, x, ds=1.0)
+    with torch.no_grad():
+        _, spatial = model.jvp(s, t, x, dx=b.detach())
+    return dx_ds + spatial
+
+
+class Objective(nn.Module):
+    """Base class: subclasses set the class attributes and implement `offdiagonal`."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    equation: ClassVar[str]
+    needs_teacher: ClassVar[bool] = False
+    diagonal_target: ClassVar[Literal["teacher", "interpolant"]] = "interpolant"
+    Options: ClassVar[type[ObjectiveOptions]] = ObjectiveOptions
+
+    def __init__(self, interpolant: Interpolant, options: ObjectiveOptions):
+        super().__init__()
+        self.interpolant, self.options = interpolant, options
+        self.weight = LearnedWeight(options.weight_width) if options.weighting == "learned" else None
+
+    # -- set-up checks, before any training step ---------------------------------------------------
+    def prepare(self, model: TwoTimeMap, teacher: VelocityField | None = None) -> None:
+        """Check the teacher against the model and the options; raise a ValueError naming the problem."""
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f"objective '{self.name}' distils a velocity teacher: configure a teacher "
+                             f"(an exact target velocity or a trained velocity checkpoint).")
+        if teacher is None:
+            return
+        teacher_shape = tuple(getattr(teacher, "sample_shape", ()))
+        if teacher_shape and teacher_shape != tuple(model.sample_shape):
+            raise ValueError(f"objective '{self.name}': the teacher works on samples of shape {list(teacher_shape)} "
+                             f"but the model on {list(model.sample_shape)}.")
+        t_max = getattr(teacher, "t_max", None)
+        if t_max is not None and self.options.time_sampling.t_max > t_max:
+            raise ValueError(f"objective '{self.name}': the teacher is singular beyond t = {t_max}; set "
+                             f"time_sampling.t_max <= {t_max} (it is {self.options.time_sampling.t_max}).")
+
+    # -- the loss ----------------------------------------------------------------------------------
+    def draw_noise(self, x1: Tensor) -> tuple[Tensor, Tensor | None]:
+        x0 = self.interpolant.sigma0 * torch.randn_like(x1)
+        z = torch.randn_like(x1) if self.interpolant.latent_noise > 0 else None
+        return x0, z
+
+    def diagonal(self, model: TwoTimeMap, x0: Tensor, x1: Tensor, z: Tensor | None,
+                 teacher: VelocityField | None) -> Term:
+        """v_{t,t}(I_t) against dI_t/dt (flow matching) or against the teacher's b_t(I_t)."""
+        t = self.options.time_sampling.single(x1.shape[0], device=x1.device, dtype=x1.dtype)
+        point = self.interpolant.interpolate(t, x0, x1, z)
+        if self.diagonal_target == "teacher":
+            with torch.no_grad():
+                target = teacher(t, point.x_t)
+        else:
+            target = point.dx_t
+        return Term(model.velocity(t, point.x_t) - target, t, t)
+
+    def offdiagonal(self, model: TwoTimeMap, x0: Tensor, x1: Tensor, z: Tensor | None,
+                    teacher: VelocityField | None, step: int) -> Term:
+        raise NotImplementedError
+
+    def terms(self, model: TwoTimeMap, x1: Tensor, teacher: VelocityField | None = None,
+              step: int = 0) -> dict[str, Term]:
+        """The per-sample residuals of one batch, split eta : (1 - eta) between diagonal and off-diagonal."""
+        x0, z = self.draw_noise(x1)
+        n_diag = int(round(self.options.diagonal_fraction * x1.shape[0]))
+        out = {}
+        if n_diag > 0:
+            out["diagonal"] = self.diagonal(model, x0[:n_diag], x1[:n_diag], None if z is None else z[:n_diag], teacher)
+        if n_diag < x1.shape[0]:
+            zz = None if z is None else z[n_diag:]
+            out["offdiagonal"] = self.offdiagonal(model, x0[n_diag:], x1[n_diag:], zz, teacher, step)
+        return out
+
+    def forward(self, model: TwoTimeMap, batch: Tensor, *, teacher: VelocityField | None = None,
+                step: int = 0) -> tuple[Tensor, dict[str, Any]]:
+        terms = self.terms(model, batch, teacher, step)
+        total, count, logs = batch.new_zeros(()), 0, {}
+        for key, term in terms.items():
+            mse = per_sample_mse(term.residual)
+            logs[f"mse_{key}"] = mse.mean().detach()
+            if self.weight is not None:
+                w = self.weight(term.s, term.t)
+                mse = torch.exp(-w) * mse + w
+            total = total + mse.sum()
+            count += mse.shape[0]
+        loss = total / count
+        logs["loss"] = loss.detach()
+        return loss, logs

@@ -1,0 +1,69 @@
+"""Time sampling shared by every objective: pairs (s, t) off the diagonal and single times on it.
+
+Kinds (science.md §2.3, §3.2):
+- uniform_square:  (s, t) i.i.d. uniform, no ordering (FMM's direct two-map loss needs backward maps);
+- upper_triangle:  (s, t) uniform on s <= t (LSD's off-diagonal sampling);
+- diagonal_anneal: t uniform, s = t + U(-delta_k, delta_k) clipped, delta_k growing linearly from
+                   anneal_start to 1 over anneal_steps (the FMM authors' code; s and t ordered when
+                   `ordered`), with independent draws for t and the offset;
+- logit_normal:    each time sigmoid(N(mean, std)) (SD3 / EDM-style emphasis on mid times),
+                   sorted into s <= t when `ordered`.
+All times are then mapped affinely into [t_min, t_max] (keep t_max below 1 for a teacher that is
+singular at the data end). Single times use the same marginal: uniform, or logit-normal.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from fmm.config import StrictModel
+
+
+class TimeSampling(StrictModel):
+    kind: Literal["uniform_square", "upper_triangle", "diagonal_anneal", "logit_normal"] = "upper_triangle"
+    t_min: float = Field(0.0, ge=0.0, le=1.0)
+    t_max: float = Field(1.0, ge=0.0, le=1.0)
+    ordered: bool = True
+    anneal_start: float = Field(0.05, gt=0.0, le=1.0)
+    anneal_steps: int = Field(10_000, ge=1)
+    mean: float = 0.0
+    std: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _range(self) -> TimeSampling:
+        if self.t_min >= self.t_max:
+            raise ValueError(f"t_min ({self.t_min}) must be below t_max ({self.t_max})")
+        return self
+
+    def _scale(self, u: Tensor) -> Tensor:
+        return self.t_min + (self.t_max - self.t_min) * u
+
+    def single(self, n: int, *, device=None, dtype=torch.float32) -> Tensor:
+        """n times for diagonal terms."""
+        if self.kind == "logit_normal":
+            u = torch.sigmoid(self.mean + self.std * torch.randn(n, device=device, dtype=dtype))
+        else:
+            u = torch.rand(n, device=device, dtype=dtype)
+        return self._scale(u)
+
+    def pair(self, n: int, step: int = 0, *, max_gap: float = 1.0, device=None,
+             dtype=torch.float32) -> tuple[Tensor, Tensor]:
+        """n pairs (s, t); `max_gap` (in [0, 1] units, before scaling) shrinks every gap |t - s| into it."""
+        if self.kind == "logit_normal":
+            u = torch.sigmoid(self.mean + self.std * torch.randn(n, 2, device=device, dtype=dtype))
+            s, t = u.unbind(1)
+        elif self.kind == "diagonal_anneal":
+            delta = self.anneal_start + (1 - self.anneal_start) * min(1.0, step / self.anneal_steps)
+            t = torch.rand(n, device=device, dtype=dtype)
+            s = (t + delta * (2 * torch.rand(n, device=device, dtype=dtype) - 1)).clamp(0, 1)
+        else:
+            s, t = torch.rand(n, 2, device=device, dtype=dtype).unbind(1)
+        if self.kind == "upper_triangle" or (self.kind != "uniform_square" and self.ordered):
+            s, t = torch.minimum(s, t), torch.maximum(s, t)
+        if max_gap < 1.0:
+            t = s + max_gap * (t - s)
+        return self._scale(s), self._scale(t)
