@@ -26,7 +26,7 @@ def test_platform_source_root_never_shadows_the_standard_library():
 def test_console_script_lists_its_subcommands():
     result = run_fmm("--help")
     assert result.returncode == 0
-    for command in ("demo", "list"):
+    for command in ("demo", "list", "objectives"):
         assert command in result.stdout
 
 
@@ -56,3 +56,11 @@ def test_ci_runs_the_readme_test_command_as_written():
     block = readme.split("<!-- test-command -->", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0].strip()
     ci_lines = [line.strip() for line in open(os.path.join(root, ".ci", "run")) if line.strip()]
     assert block in ci_lines
+
+
+def test_objectives_command_lists_every_objective_with_its_paper():
+    result = run_fmm("objectives")
+    assert result.returncode == 0
+    for name in ("flow_matching", "lmd", "emd", "pfmm", "two_map", "eulerian_direct", "lsd", "esd", "psd"):
+        assert f"{name}  (teacher: " in result.stdout
+    assert "2505.18825" in result.stdout and "stop_gradient=True" in result.stdout

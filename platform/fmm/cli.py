@@ -34,6 +34,17 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _objectives(args: argparse.Namespace) -> int:
+    from fmm.objectives import describe
+
+    for row in describe():
+        print(f"{row['name']}  (teacher: {row['teacher']})")
+        print(f"    paper:    {row['paper']}")
+        print(f"    equation: {row['equation']}")
+        print(f"    options:  {row['options']}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -64,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=_positive_int, default=4000, help="evaluation samples (default 4000)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    objectives = sub.add_parser("objectives", help="list every training objective with its paper, equation and options")
+    objectives.set_defaults(func=_objectives)
 
     listing = sub.add_parser("list", help="list schedules, networks, solvers and toy targets")
     listing.set_defaults(func=_list)

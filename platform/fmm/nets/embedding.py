@@ -3,6 +3,12 @@
 The self-distillation paper embeds s and (t - s) with positional (fixed-frequency) embeddings,
 sums them and conditions every block by FiLM; it found random Fourier features less stable.
 Everything here acts per sample, so the networks stay safe under torch.func.jvp in s and t.
+
+Times enter unscaled by default (time_scale = 1, frequencies 10000^(-i/half) <= 1 per unit time),
+not multiplied by 1000 as DDPM's integer steps are: sCM (Lu & Song 2024) traced JVP instability to
+large time-embedding scales, and here a two-time MLP trained by LSD for 400 steps on a 2-D Gaussian
+reached a covariance error of 0.03 at one step with scale 1 against 0.93 with scale 1000
+(0.19 with 10, 0.34 with 100).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ def positional_embedding(t: Tensor, dim: int, scale: float) -> Tensor:
 class TwoTimeEmbedding(nn.Module):
     """e(s, t) = MLP(W_s pos(s) + W_d pos(t - s)), a [B, dim] conditioning vector."""
 
-    def __init__(self, dim: int, time_scale: float = 1000.0):
+    def __init__(self, dim: int, time_scale: float = 1.0):
         super().__init__()
         if dim % 2:
             raise ValueError(f"the time-embedding width must be even; got {dim}.")

@@ -28,7 +28,7 @@ class TwoTimeMLP(TwoTimeNet):
     The zero output layer makes the untrained map the identity, X_{s,t}(x) = x.
     """
 
-    def __init__(self, dim: int, width: int = 512, depth: int = 4, emb_dim: int = 128, time_scale: float = 1000.0):
+    def __init__(self, dim: int, width: int = 512, depth: int = 4, emb_dim: int = 128, time_scale: float = 1.0):
         super().__init__()
         for key, value in (("dim", dim), ("width", width), ("depth", depth), ("emb_dim", emb_dim)):
             if not (isinstance(value, int) and value >= 1):

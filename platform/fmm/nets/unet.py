@@ -82,7 +82,7 @@ class TwoTimeUNet(TwoTimeNet):
     def __init__(self, in_channels: int = 3, image_size: int = 32, channels: int = 128,
                  channel_mult: tuple[int, ...] = (2, 2, 2), num_blocks: int = 4,
                  attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.0, heads: int = 1,
-                 emb_dim: int | None = None, time_scale: float = 1000.0):
+                 emb_dim: int | None = None, time_scale: float = 1.0):
         super().__init__()
         for key, value in (("in_channels", in_channels), ("image_size", image_size), ("channels", channels),
                            ("num_blocks", num_blocks), ("heads", heads)):

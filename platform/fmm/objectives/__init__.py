@@ -3,7 +3,11 @@ loss and Eulerian direct estimation (direct); LSD, ESD, PSD (self-distillation).
 
 from __future__ import annotations
 
-from fmm.objectives import direct, distillation, flow_matching, self_distillation  # noqa: F401  (registration)
+# Importing a family registers its objectives; the order is the listing order.
+from fmm.objectives import flow_matching  # noqa: F401, I001
+from fmm.objectives import distillation  # noqa: F401
+from fmm.objectives import direct  # noqa: F401
+from fmm.objectives import self_distillation  # noqa: F401
 from fmm.objectives.base import Objective, ObjectiveOptions, Term
 from fmm.objectives.registry import OBJECTIVES, make_objective
 from fmm.objectives.times import TimeSampling
