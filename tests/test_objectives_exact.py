@@ -28,6 +28,10 @@ DETERMINISTIC = {
     "esd": {"name": "esd"},
     "psd_uniform": {"name": "psd", "split": "uniform"},
     "psd_midpoint": {"name": "psd", "split": "midpoint"},
+    "lmd_slope": {"name": "lmd", "diagonal_fraction": 0.25, "gradient": "slope"},
+    "emd_slope": {"name": "emd", "diagonal_fraction": 0.25, "gradient": "slope"},
+    "lsd_slope": {"name": "lsd", "gradient": "slope"},
+    "esd_slope": {"name": "esd", "gradient": "slope"},
 }
 
 
@@ -91,6 +95,7 @@ def test_two_map_invertibility_term_vanishes_and_its_flow_term_is_unbiased():
 
 @pytest.mark.parametrize("interp_name", ["linear", "trig", "latent"])
 @pytest.mark.parametrize("spec", [{"name": "flow_matching"}, {"name": "eulerian_direct"},
+                                  {"name": "eulerian_direct", "gradient": "slope"},
                                   {"name": "lsd", "diagonal_fraction": 1.0}])
 def test_noisy_target_residuals_vanish_in_the_batch_mean(spec, interp_name):
     """Residuals against dI_t have an irreducible variance: at the true map their mean is zero (within

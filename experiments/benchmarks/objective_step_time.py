@@ -4,7 +4,8 @@
 
 A step is forward, backward and an Adam update. Distillation objectives use a frozen copy of the
 network as their velocity teacher (as when distilling a trained flow-matching model), so the
-teacher's forward passes are part of their cost. Objectives are timed round-robin, `steps` steps
+teacher's forward passes are part of their cost. `name[slope]` is the objective with
+gradient = "slope" (the JVP without a graph, the gradient through v). Objectives are timed round-robin, `steps` steps
 per objective per round, so slow drift of a shared machine hits all of them alike; the table
 gives the median step time over rounds and its ratio to flow matching's median.
 """
@@ -38,10 +39,15 @@ def time_case(network: dict, shape: tuple[int, ...], rounds: int, steps: int) ->
     torch.manual_seed(0)
     base = FlowMap(make_network(config.pop("name"), **config))
     teacher = ModelVelocity(copy.deepcopy(base))
+    specs = {}
+    for name, cls in OBJECTIVES.items():
+        specs[name] = {"name": name}
+        if "gradient" in cls.Options.model_fields:
+            specs[f"{name}[slope]"] = {"name": name, "gradient": "slope"}
     runs = {}
-    for name in OBJECTIVES:
+    for name, spec in specs.items():
         model = copy.deepcopy(base)
-        objective = make_objective({"name": name}, interp)
+        objective = make_objective(spec, interp)
         objective.prepare(model, teacher)
         optimiser = torch.optim.Adam(trainable_parameters(model, objective), lr=1e-4)
         runs[name] = (model, objective, optimiser)
@@ -69,10 +75,10 @@ def main() -> None:
         times = time_case(network, shape, args.rounds, args.steps)
         base = statistics.median(times["flow_matching"])
         print(f"\n{case} {network}, batch {list(shape)}")
-        print(f"{'objective':16s} {'step ms':>9s} {'ratio to FM':>12s}")
+        print(f"{'objective':24s} {'step ms':>9s} {'ratio to FM':>12s}")
         for name, values in sorted(times.items(), key=lambda kv: statistics.median(kv[1])):
             median = statistics.median(values)
-            print(f"{name:16s} {1000 * median:9.2f} {median / base:12.2f}")
+            print(f"{name:24s} {1000 * median:9.2f} {median / base:12.2f}")
 
 
 if __name__ == "__main__":

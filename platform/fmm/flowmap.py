@@ -61,16 +61,27 @@ class TwoTimeMap(nn.Module):
         """b_t(x) as the map sees it: the diagonal v_{t,t}(x)."""
         return self.slope(t, t, x)
 
-    def jvp(self, s: Tensor | float, t: Tensor | float, x: Tensor, ds: Tensor | float = 0.0,
-            dt: Tensor | float = 0.0, dx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(X_{s,t}(x), ds d/ds X + dt d/dt X + grad_x X . dx) in one forward-mode pass."""
+    def jvp(self, s: Tensor | float, t: Tensor | float, x: Tensor, ds: Tensor | float | None = None,
+            dt: Tensor | float | None = None, dx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(X_{s,t}(x), ds d/ds X + dt d/dt X + grad_x X . dx) in one forward-mode pass.
+
+        Arguments whose tangent is None are held fixed (closed over), so no tangent is carried for them.
+        """
         s, t = self._times(s, t, x)
-        ds, dt = batch_times(ds, x, "ds"), batch_times(dt, x, "dt")
-        if dx is None:
-            dx = torch.zeros_like(x)
-        elif dx.shape != x.shape:
+        if dx is not None and dx.shape != x.shape:
             raise ValueError(f"the tangent dx must have the shape of x {tuple(x.shape)}; got {tuple(dx.shape)}.")
-        return torch.func.jvp(self._map, (s, t, x), (ds, dt, dx))
+        names = [n for n, d in (("s", ds), ("t", dt), ("x", dx)) if d is not None]
+        if not names:
+            raise ValueError("jvp needs at least one tangent among ds, dt and dx.")
+        fixed = {"s": s, "t": t, "x": x}
+        primals = tuple(fixed[n] for n in names)
+        tangents = tuple(dx if n == "x" else batch_times(ds if n == "s" else dt, x, "d" + n) for n in names)
+
+        def along(*moving: Tensor) -> Tensor:
+            args = dict(fixed, **dict(zip(names, moving)))
+            return self._map(args["s"], args["t"], args["x"])
+
+        return torch.func.jvp(along, primals, tangents)
 
     def time_jvp(self, s: Tensor | float, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
         """(X_{s,t}(x), d/dt X_{s,t}(x)) with x held fixed."""

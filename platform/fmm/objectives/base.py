@@ -43,6 +43,20 @@ class ObjectiveOptions(StrictModel):
     weight_width: int = Field(128, ge=2)
 
 
+class JVPOptions(ObjectiveOptions):
+    """Options of the objectives whose residual holds a JVP.
+
+    gradient = "jvp" backpropagates through the JVP, as the papers define the loss. gradient =
+    "slope" rewrites the same residual r through the slope v of X = x + (t - s) v as
+    +-(v - sg(v)) + sg(r): the same value and fixed point, but the gradient flows through one plain
+    forward pass of v while the JVP runs without a graph (science.md §9.2 and §9.3; MeanFlow's and
+    sCM's practice). It is cheaper and differs from the papers' gradient; the Lagrangian forms then
+    need the teacher under a stop-gradient and the Eulerian forms the semigradient.
+    """
+
+    gradient: Literal["jvp", "slope"] = "jvp"
+
+
 @dataclass
 class Term:
     """A per-sample residual r [B, ...] at times (s, t) [B]."""
@@ -70,13 +84,20 @@ def per_sample_mse(residual: Tensor) -> Tensor:
     return residual.pow(2).flatten(1).mean(1)
 
 
-def lagrangian_residual(model: TwoTimeMap, s: Tensor, t: Tensor, x: Tensor,
-                        target_velocity, stop_gradient: bool = True) -> Tensor:
+def lagrangian_residual(model: TwoTimeMap, s: Tensor, t: Tensor, x: Tensor, target_velocity,
+                        stop_gradient: bool = True, gradient: str = "jvp") -> Tensor:
     """d/dt X_{s,t}(x) - b_t(X_{s,t}(x)) from one time-JVP (LMD, LSD).
 
     With `stop_gradient` the whole teacher term, input included, is a constant (LMD eq. (27), LSD);
-    without it gradients also flow through X into the teacher (LMD eq. (26)).
+    without it gradients also flow through X into the teacher (LMD eq. (26)). gradient = "slope":
+    see JVPOptions (d/dt X = v + (t - s) d/dt v, so the slope enters with a plus sign).
     """
+    if gradient == "slope":
+        with torch.no_grad():
+            x_t, dx_dt = model.time_jvp(s, t, x)
+            residual = dx_dt - target_velocity(t, x_t)
+        v = model.slope(s, t, x)
+        return v - v.detach() + residual
     x_t, dx_dt = model.time_jvp(s, t, x)
     if stop_gradient:
         with torch.no_grad():
@@ -87,12 +108,18 @@ def lagrangian_residual(model: TwoTimeMap, s: Tensor, t: Tensor, x: Tensor,
 
 
 def eulerian_residual(model: TwoTimeMap, s: Tensor, t: Tensor, x: Tensor, b: Tensor,
-                      semigradient: bool = True) -> Tensor:
+                      semigradient: bool = True, gradient: str = "jvp") -> Tensor:
     """d/ds X_{s,t}(x) + grad_x X_{s,t}(x) b (EMD, ESD, Eulerian direct estimation).
 
     The semigradient form puts a stop-gradient on the spatial term grad_x X . b, which is computed
-    by a separate no-grad JVP; the full form backpropagates through one augmented JVP.
+    by a separate no-grad JVP; the full form backpropagates through one augmented JVP. gradient =
+    "slope": see JVPOptions (d/ds X = -v + (t - s) d/ds v, so the slope enters with a minus sign).
     """
+    if gradient == "slope":
+        with torch.no_grad():
+            residual = model.eulerian_jvp(s, t, x, b)[1]
+        v = model.slope(s, t, x)
+        return v.detach() - v + residual
     if not semigradient:
         return model.eulerian_jvp(s, t, x, b)[1]
     _, dx_ds = model.jvp(s, t, x, ds=1.0)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from fmm.objectives.base import Objective, ObjectiveOptions, Term, eulerian_residual
+from fmm.objectives.base import JVPOptions, Objective, Term, eulerian_residual
 from fmm.objectives.registry import register
 from fmm.objectives.times import TimeSampling
+from fmm.validation import expand_like
 
 
-class TwoMapOptions(ObjectiveOptions):
+class TwoMapOptions(JVPOptions):
     time_sampling: TimeSampling = TimeSampling(kind="uniform_square")
     invertibility_weight: float = Field(1.0, ge=0.0)
 
@@ -41,15 +42,24 @@ class TwoMap(Objective):
         s, t = self.options.time_sampling.pair(x1.shape[0], step, device=x1.device, dtype=x1.dtype)
         point = self.interpolant.interpolate(t, x0, x1, z)
         y = model(t, s, point.x_t)
-        x_back, dx_dt = model.time_jvp(s, t, y)
-        residual = (dx_dt - point.dx_t).flatten(1)
+        if self.options.gradient == "slope":
+            # d/dt X_{s,t}(y) = v + (t - s) d/dt v: the JVP runs without a graph, the gradient flows
+            # through v_{s,t}(y) and through y itself.
+            with torch.no_grad():
+                _, dx_dt = model.time_jvp(s, t, y.detach())
+            v = model.slope(s, t, y)
+            x_back = y + expand_like(t - s, y) * v
+            residual = (v - v.detach() + dx_dt - point.dx_t).flatten(1)
+        else:
+            x_back, dx_dt = model.time_jvp(s, t, y)
+            residual = (dx_dt - point.dx_t).flatten(1)
         if self.options.invertibility_weight > 0:
             inverse = self.options.invertibility_weight ** 0.5 * (x_back - point.x_t).flatten(1)
             residual = torch.cat([residual, inverse], dim=1)
         return Term(residual, s, t)
 
 
-class EulerianDirectOptions(ObjectiveOptions):
+class EulerianDirectOptions(JVPOptions):
     pass
 
 
@@ -71,4 +81,5 @@ class EulerianDirect(Objective):
     def offdiagonal(self, model, x0, x1, z, teacher, step) -> Term:
         s, t = self.options.time_sampling.pair(x1.shape[0], step, device=x1.device, dtype=x1.dtype)
         point = self.interpolant.interpolate(s, x0, x1, z)
-        return Term(eulerian_residual(model, s, t, point.x_t, point.dx_t, semigradient=True), s, t)
+        return Term(eulerian_residual(model, s, t, point.x_t, point.dx_t, semigradient=True,
+                                       gradient=self.options.gradient), s, t)

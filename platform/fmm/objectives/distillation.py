@@ -11,16 +11,23 @@ from __future__ import annotations
 import copy
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from fmm.flowmap import TwoTimeMap, VelocityField
-from fmm.objectives.base import Objective, ObjectiveOptions, Term, eulerian_residual, lagrangian_residual
+from fmm.objectives.base import (JVPOptions, Objective, ObjectiveOptions, Term, eulerian_residual,
+                                 lagrangian_residual)
 from fmm.objectives.registry import register
 
 
-class LMDOptions(ObjectiveOptions):
+class LMDOptions(JVPOptions):
     stop_gradient: bool = True
+
+    @model_validator(mode="after")
+    def _slope_needs_stop_gradient(self) -> "LMDOptions":
+        if self.gradient == "slope" and not self.stop_gradient:
+            raise ValueError("gradient 'slope' holds the teacher term constant: it needs stop_gradient true")
+        return self
 
 
 @register
@@ -42,11 +49,18 @@ class LMD(Objective):
     def offdiagonal(self, model, x0, x1, z, teacher, step) -> Term:
         s, t = self.options.time_sampling.pair(x1.shape[0], step, device=x1.device, dtype=x1.dtype)
         x_s = self.interpolant.interpolate(s, x0, x1, z).x_t
-        return Term(lagrangian_residual(model, s, t, x_s, teacher, self.options.stop_gradient), s, t)
+        return Term(lagrangian_residual(model, s, t, x_s, teacher, self.options.stop_gradient,
+                                                self.options.gradient), s, t)
 
 
-class EMDOptions(ObjectiveOptions):
+class EMDOptions(JVPOptions):
     semigradient: bool = True
+
+    @model_validator(mode="after")
+    def _slope_needs_semigradient(self) -> "EMDOptions":
+        if self.gradient == "slope" and not self.semigradient:
+            raise ValueError("gradient 'slope' is a semigradient form: it needs semigradient true")
+        return self
 
 
 @register
@@ -70,7 +84,7 @@ class EMD(Objective):
         x_s = self.interpolant.interpolate(s, x0, x1, z).x_t
         with torch.no_grad():
             b = teacher(s, x_s)
-        return Term(eulerian_residual(model, s, t, x_s, b, self.options.semigradient), s, t)
+        return Term(eulerian_residual(model, s, t, x_s, b, self.options.semigradient, self.options.gradient), s, t)
 
 
 class PFMMOptions(ObjectiveOptions):

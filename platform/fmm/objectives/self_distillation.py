@@ -14,7 +14,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from fmm.objectives.base import Objective, ObjectiveOptions, Term, eulerian_residual, lagrangian_residual
+from fmm.objectives.base import (JVPOptions, Objective, ObjectiveOptions, Term, eulerian_residual,
+                                 lagrangian_residual)
 from fmm.objectives.registry import register
 from fmm.validation import expand_like
 
@@ -23,8 +24,12 @@ class SelfDistillationOptions(ObjectiveOptions):
     diagonal_fraction: float = Field(0.75, ge=0.0, le=1.0)
 
 
+class JVPSelfDistillationOptions(SelfDistillationOptions, JVPOptions):
+    pass
+
+
 class SelfDistillationBase(Objective):
-    Options = SelfDistillationOptions
+    Options = JVPSelfDistillationOptions
 
     def _pair(self, x0, x1, z, step):
         s, t = self.options.time_sampling.pair(x1.shape[0], step, device=x1.device, dtype=x1.dtype)
@@ -41,7 +46,8 @@ class LSD(SelfDistillationBase):
 
     def offdiagonal(self, model, x0, x1, z, teacher, step) -> Term:
         s, t, x_s = self._pair(x0, x1, z, step)
-        return Term(lagrangian_residual(model, s, t, x_s, model.velocity, stop_gradient=True), s, t)
+        return Term(lagrangian_residual(model, s, t, x_s, model.velocity, stop_gradient=True,
+                                                gradient=self.options.gradient), s, t)
 
 
 @register
@@ -56,7 +62,7 @@ class ESD(SelfDistillationBase):
         s, t, x_s = self._pair(x0, x1, z, step)
         with torch.no_grad():
             b = model.velocity(s, x_s)
-        return Term(eulerian_residual(model, s, t, x_s, b, semigradient=True), s, t)
+        return Term(eulerian_residual(model, s, t, x_s, b, semigradient=True, gradient=self.options.gradient), s, t)
 
 
 class PSDOptions(SelfDistillationOptions):
