@@ -45,6 +45,41 @@ def _objectives(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from fmm.experiment import load_experiment
+    from fmm.train import read_record, run_training
+
+    overrides = list(args.set or [])
+    if args.workers is not None:
+        overrides.append(f"scaling.num_workers={args.workers}")
+    if args.use_gpu:
+        overrides.append("scaling.use_gpu=true")
+    if args.resume:
+        if args.experiment:
+            raise ValueError("give either EXPERIMENT.yaml or --resume RUN, not both.")
+        record = read_record(args.resume)
+        exp = load_experiment(raw=record["experiment"], overrides=overrides)
+    else:
+        if not args.experiment:
+            raise ValueError("give an experiment file (EXPERIMENT.yaml) or --resume RUN.")
+        exp = load_experiment(args.experiment, overrides)
+    result = run_training(exp, address=args.address, resume=bool(args.resume))
+    print(f"[fmm] finished {result.name} at step {(result.return_value or {}).get('step')}: "
+          f"checkpoint {result.checkpoint_path}")
+    print(f"[fmm] MLflow run {result.mlflow_run_id}; browse with: mlflow ui --backend-store-uri {result.tracking_uri}")
+    return 0
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from fmm.data import prepare
+
+    manifest = prepare(args.dataset, args.out, source=args.source, shards=args.shards, samples=args.samples,
+                       seed=args.seed)
+    print(f"wrote {manifest['rows']} samples of shape {manifest['shape']} in {len(manifest['files'])} "
+          f"Parquet shards to {args.out}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -79,6 +114,26 @@ def build_parser() -> argparse.ArgumentParser:
     objectives = sub.add_parser("objectives", help="list every training objective with its paper, equation and options")
     objectives.set_defaults(func=_objectives)
 
+    train = sub.add_parser("train", help="train a flow map as a Ray Train job, tracked in MLflow")
+    train.add_argument("experiment", nargs="?", help="experiment YAML file")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    train.add_argument("--workers", type=_positive_int, help="number of training workers")
+    train.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    train.add_argument("--resume", metavar="RUN", help="continue the run at RUN (<storage.path>/<name>)")
+    train.set_defaults(func=_train)
+
+    data = sub.add_parser("data", help="prepare datasets as Parquet shards")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    prep = data_sub.add_parser("prepare", help="write a dataset as Parquet shards to a folder or s3:// URI")
+    prep.add_argument("dataset", choices=["flower", "checkerboard", "digits", "fashion_mnist", "cifar10", "imagenet32"])
+    prep.add_argument("--out", required=True, help="folder or s3://bucket/prefix")
+    prep.add_argument("--source", help="folder with the original files (fashion_mnist, cifar10, imagenet32)")
+    prep.add_argument("--shards", type=_positive_int, default=4)
+    prep.add_argument("--samples", type=_positive_int, default=100_000, help="samples for toy targets")
+    prep.add_argument("--seed", type=int, default=0)
+    prep.set_defaults(func=_data_prepare)
+
     listing = sub.add_parser("list", help="list schedules, networks, solvers and toy targets")
     listing.set_defaults(func=_list)
     return parser
@@ -95,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"fmm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a failed run (e.g. retries exhausted) ends with its reason, not a traceback
+        if type(err).__name__ in ("TrainingFailedError", "RayTaskError", "FloatingPointError"):
+            print(f"fmm {args.command}: the run failed: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -81,7 +81,9 @@ class TwoTimeMap(nn.Module):
             args = dict(fixed, **dict(zip(names, moving)))
             return self._map(args["s"], args["t"], args["x"])
 
-        return torch.func.jvp(along, primals, tangents)
+        # JVPs stay in full precision under a bf16 autocast: their tangents feed loss targets directly.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return torch.func.jvp(along, primals, tangents)
 
     def time_jvp(self, s: Tensor | float, t: Tensor | float, x: Tensor) -> tuple[Tensor, Tensor]:
         """(X_{s,t}(x), d/dt X_{s,t}(x)) with x held fixed."""

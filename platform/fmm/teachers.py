@@ -6,11 +6,14 @@ before training) and `t_max` (the last time it may be evaluated; None when it is
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from fmm import storage
 from fmm.checkpoint import load_flow_map
 from fmm.config import StrictModel, validate
 from fmm.flowmap import TwoTimeMap, VelocityField
@@ -21,8 +24,33 @@ from fmm.interpolants import Interpolant
 class TeacherConfig(StrictModel):
     kind: Literal["exact", "checkpoint"]
     target: str | None = None
-    path: str | None = None
+    path: str | None = None          # a local file, an s3:// URI, or runs:/<mlflow run id>[/artifact path]
     use_ema: bool = True
+    tracking_uri: str | None = None  # for runs:/ paths; default as for training
+
+
+def fetch_checkpoint(path: str, tracking_uri: str | None = None) -> str:
+    """A local file holding the checkpoint at `path` (downloaded from S3 or MLflow if needed)."""
+    if path.startswith("runs:/"):
+        from fmm import tracking
+
+        run_id, _, artifact = path[len("runs:/"):].partition("/")
+        uri = tracking.resolve_uri(tracking_uri)
+        try:
+            return tracking.download_artifact(uri, run_id, artifact or "checkpoints/final.pt", tempfile.mkdtemp())
+        except Exception as err:
+            raise ValueError(f"teacher {path!r}: cannot fetch it from MLflow at {uri}: "
+                             f"{str(err).splitlines()[0]}") from None
+    if storage.is_remote(path):
+        try:
+            data = storage.read_bytes(path)
+        except Exception as err:
+            raise ValueError(f"no flow-map checkpoint at {path!r}: {str(err).splitlines()[0]}") from None
+        local = os.path.join(tempfile.mkdtemp(), os.path.basename(path))
+        with open(local, "wb") as f:
+            f.write(data)
+        return local
+    return path
 
 
 class ModelVelocity:
@@ -50,4 +78,4 @@ def make_teacher(spec: dict | TeacherConfig, interpolant: Interpolant) -> Veloci
         return ExactVelocity(make_target(cfg.target), interpolant)
     if cfg.path is None:
         raise ValueError("teacher: kind 'checkpoint' needs 'path' (a flow-map checkpoint file).")
-    return ModelVelocity(load_flow_map(cfg.path, use_ema=cfg.use_ema))
+    return ModelVelocity(load_flow_map(fetch_checkpoint(cfg.path, cfg.tracking_uri), use_ema=cfg.use_ema))

@@ -1,0 +1,177 @@
+"""Datasets as Parquet shards on local disk or S3: preparation from the original files, and reading
+one part per worker.
+
+`prepare(name, out_uri)` writes `part-NNNNN.parquet` shards and, last, a `_manifest.json` naming
+them, so a half-written folder never looks complete. Each row holds one sample, flattened in a
+fixed-size list column `x` (uint8 for images, float32 for vectors) and an optional `label`; the
+manifest records the sample shape and the encoding. Images are mapped to [-1, 1] when read.
+
+Sources (nothing is downloaded; a missing file is an error naming the path to fill):
+- flower, checkerboard: exact samples of the toy targets (fmm.groundtruth);
+- digits: scikit-learn's bundled 8x8 digits;
+- fashion_mnist: the IDX files (gzipped or not) of Debian's dataset-fashion-mnist, by default
+  /usr/share/datasets/fashion-mnist;
+- cifar10: the python-pickle archive's data_batch_1..5 in a folder (cifar-10-batches-py);
+- imagenet32: the downsampled ImageNet npz batches train_data_batch_1..10 in a folder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from fmm import storage
+
+DATASETS = ("flower", "checkerboard", "digits", "fashion_mnist", "cifar10", "imagenet32")
+DEFAULT_SOURCES = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
+MANIFEST = "_manifest.json"
+
+
+@dataclass
+class Samples:
+    x: np.ndarray              # [N, *shape], uint8 images or float32 vectors
+    labels: np.ndarray | None  # [N] int64
+    shape: tuple[int, ...]
+    encoding: str              # "uint8_image" or "float32"
+
+
+def _missing(name: str, path: str, expected: str) -> ValueError:
+    return ValueError(f"dataset {name!r}: {expected} not found at {path!r}. Put the files there or pass "
+                      f"--source with the folder that holds them; nothing is downloaded.")
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """An IDX file (the MNIST format): magic 0x0000 08 NDIM, big-endian dimensions, then uint8 data."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise ValueError(f"{path!r} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find(folder: str, stem: str) -> str | None:
+    for candidate in (stem, stem + ".gz"):
+        path = os.path.join(folder, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def load(name: str, source: str | None = None, samples: int = 100_000, seed: int = 0) -> Samples:
+    """Read a dataset from its original files (or draw a toy target) into memory."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}.")
+    if name in ("flower", "checkerboard"):
+        from fmm.groundtruth import make_target
+
+        x = make_target(name).sample(samples, torch.Generator().manual_seed(seed)).numpy().astype(np.float32)
+        return Samples(x, None, (x.shape[1],), "float32")
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+        return Samples(x, digits.target.astype(np.int64), (1, 8, 8), "uint8_image")
+    folder = source or DEFAULT_SOURCES.get(name)
+    if folder is None or not os.path.isdir(folder):
+        raise _missing(name, str(folder), "the source folder")
+    if name == "fashion_mnist":
+        images, labels = _find(folder, "train-images-idx3-ubyte"), _find(folder, "train-labels-idx1-ubyte")
+        if images is None or labels is None:
+            raise _missing(name, folder, "train-images-idx3-ubyte(.gz) and train-labels-idx1-ubyte(.gz)")
+        x = _read_idx(images)[:, None]
+        return Samples(x, _read_idx(labels).astype(np.int64), (1, 28, 28), "uint8_image")
+    if name == "cifar10":
+        paths = [os.path.join(folder, f"data_batch_{i}") for i in range(1, 6)]
+        if not all(os.path.isfile(p) for p in paths):
+            raise _missing(name, folder, "data_batch_1 ... data_batch_5 (the python-pickle archive)")
+        xs, ys = [], []
+        for path in paths:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        return Samples(np.concatenate(xs), np.concatenate(ys), (3, 32, 32), "uint8_image")
+    paths = sorted((p for p in os.listdir(folder) if p.startswith("train_data_batch_")),
+                   key=lambda p: int(p.split("_")[-1].split(".")[0]))
+    if not paths:
+        raise _missing(name, folder, "train_data_batch_1 ... train_data_batch_10 (npz)")
+    xs, ys = [], []
+    for path in paths:
+        with np.load(os.path.join(folder, path)) as batch:
+            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(batch["labels"], dtype=np.int64) - 1)  # the npz labels count from 1
+    return Samples(np.concatenate(xs), np.concatenate(ys), (3, 32, 32), "uint8_image")
+
+
+def write_shards(data: Samples, out_uri: str, shards: int, name: str) -> dict:
+    """Write `data` as Parquet shards plus the manifest, the manifest last."""
+    if shards < 1:
+        raise ValueError(f"shards must be a positive integer; got {shards}.")
+    flat = data.x.reshape(len(data.x), -1)
+    width = flat.shape[1]
+    files = []
+    for i, rows in enumerate(np.array_split(np.arange(len(flat)), shards)):
+        values = pa.array(flat[rows].reshape(-1))
+        columns = {"x": pa.FixedSizeListArray.from_arrays(values, width)}
+        if data.labels is not None:
+            columns["label"] = pa.array(data.labels[rows])
+        buffer = io.BytesIO()
+        pq.write_table(pa.table(columns), buffer)
+        file = f"part-{i:05d}.parquet"
+        storage.write_bytes(storage.join(out_uri, file), buffer.getvalue())
+        files.append({"file": file, "rows": int(len(rows))})
+    manifest = {"dataset": name, "shape": list(data.shape), "encoding": data.encoding, "rows": int(len(flat)),
+                "files": files}
+    storage.write_bytes(storage.join(out_uri, MANIFEST), json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def prepare(name: str, out_uri: str, *, source: str | None = None, shards: int = 4, samples: int = 100_000,
+            seed: int = 0) -> dict:
+    return write_shards(load(name, source, samples, seed), out_uri, shards, name)
+
+
+def read_manifest(uri: str) -> dict:
+    path = storage.join(uri, MANIFEST)
+    try:
+        return json.loads(storage.read_bytes(path))
+    except ValueError:
+        raise ValueError(f"no prepared dataset at {uri!r} (missing {MANIFEST}): write one with "
+                         f"'fmm data prepare DATASET --out {uri}'.") from None
+
+
+def read_part(uri: str, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, dict]:
+    """This worker's part of the shards, decoded to float32 model space ([-1, 1] for images).
+
+    Shards are dealt round-robin to workers; with fewer shards than workers every worker reads all
+    of them and keeps every world-th row, so no two workers hold the same sample.
+    """
+    manifest = read_manifest(uri)
+    files = [f["file"] for f in manifest["files"]]
+    by_shard = len(files) >= world
+    mine = files[rank::world] if by_shard else files
+    fs, base = storage.filesystem(uri)
+    arrays = []
+    for file in mine:
+        with fs.open_input_file(f"{base.rstrip('/')}/{file}") as f:
+            column = pq.read_table(f, columns=["x"]).column("x").combine_chunks()
+        arrays.append(column.values.to_numpy(zero_copy_only=False).reshape(len(column), -1))
+    flat = np.concatenate(arrays) if arrays else np.zeros((0, int(np.prod(manifest["shape"]))))
+    if not by_shard:
+        flat = flat[rank::world]
+    x = torch.from_numpy(np.ascontiguousarray(flat)).reshape(-1, *manifest["shape"])
+    x = x.float() / 127.5 - 1 if manifest["encoding"] == "uint8_image" else x.float()
+    return x, manifest

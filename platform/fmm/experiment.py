@@ -1,0 +1,143 @@
+"""Experiment files: the YAML a user writes, validated by pydantic before any work starts.
+
+    name: flower-lmd
+    data: {target: flower}                      # or {path: ./data/flower} / s3://... Parquet shards
+    interpolant: {schedule: linear, sigma0: 1.0}
+    network: {name: mlp, dim: 2, width: 256, depth: 3}
+    objective: {name: lmd, diagonal_fraction: 0.25}
+    teacher: {kind: exact, target: flower}      # distillation only
+    optim: {name: adamw, lr: 2e-3, warmup_steps: 100, decay: cosine, grad_clip: 1.0}
+    train: {steps: 2000, batch_size: 1024, ema_decay: 0.999, checkpoint_every: 500, log_every: 50}
+    scaling: {num_workers: 1, cpus_per_worker: 2, use_gpu: false}
+    storage: {path: ./runs}                     # or s3://bucket/prefix
+    tracking: {experiment: fmm}                 # uri: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+
+`--set key.sub=value` overrides any key (the value is read as YAML). Unknown keys and bad values
+are one error naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from fmm.config import StrictModel, validate
+
+
+class DataConfig(StrictModel):
+    target: str | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.target is None) == (self.path is None):
+            raise ValueError("give exactly one of target (a toy target sampled exactly) or path (Parquet shards)")
+        return self
+
+
+class InterpolantConfig(StrictModel):
+    schedule: str = "linear"
+    params: dict[str, float] = {}
+    sigma0: float = Field(1.0, gt=0)
+    latent_noise: float = Field(0.0, ge=0)
+
+
+class OptimConfig(StrictModel):
+    name: Literal["adam", "adamw", "radam"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    decay: Literal["none", "cosine", "sqrt"] = "none"
+    decay_start: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class TrainConfig(StrictModel):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(50, ge=1)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    sample_steps: list[int] = [1, 2, 4]
+    fail_at_step: int | None = Field(None, ge=1)  # testing aid: raise once at this step to exercise recovery
+
+
+class ScalingConfig(StrictModel):
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0, ge=0)
+    use_gpu: bool = False
+    max_failures: int = Field(0, ge=-1)
+
+
+class StorageConfig(StrictModel):
+    path: str = "./runs"
+
+
+class TrackingConfig(StrictModel):
+    uri: str | None = None
+    experiment: str = "fmm"
+
+
+class ExperimentConfig(StrictModel):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    data: DataConfig
+    interpolant: InterpolantConfig = InterpolantConfig()
+    network: dict[str, Any]
+    objective: dict[str, Any]
+    teacher: dict[str, Any] | None = None
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _parts(self) -> ExperimentConfig:
+        if "name" not in self.network:
+            raise ValueError("network needs a 'name' (mlp or unet) and its keyword arguments")
+        if "name" not in self.objective:
+            raise ValueError("objective needs a 'name' (see `fmm objectives`)")
+        if self.train.batch_size % self.scaling.num_workers:
+            raise ValueError(f"train.batch_size ({self.train.batch_size}) must divide evenly over "
+                             f"scaling.num_workers ({self.scaling.num_workers})")
+        return self
+
+
+def set_key(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"--set {dotted}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_experiment(path: str | None = None, overrides: list[str] | None = None,
+                    raw: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate an experiment file (or mapping), applying `key=value` overrides."""
+    if raw is None:
+        if path is None or not os.path.isfile(path):
+            raise ValueError(f"experiment file {path!r} not found.")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"experiment file {path!r} is not valid YAML: {err}") from None
+    tree = copy.deepcopy(raw)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set takes key=value (a dotted key such as train.steps=500); got {item!r}.")
+        key, text = item.split("=", 1)
+        set_key(tree, key.strip(), yaml.safe_load(text))
+    return validate(ExperimentConfig, tree, f"experiment {path or ''}".strip())

@@ -1,0 +1,437 @@
+"""`fmm train`: one experiment as a Ray Train TorchTrainer job, tracked in MLflow.
+
+Driver (`run_training`): validates everything that can fail before workers start (config,
+storage writable, data present and shaped like the network, teacher present), creates or reuses
+the MLflow run, records the run in `<storage>/<name>/fmm_run.json`, starts or joins Ray and fits a
+TorchTrainer. The Ray run name and the MLflow run id point at each other (the run's tag
+`ray_run` and the record's `mlflow_run_id`), so a restarted or resumed run logs into the same
+MLflow run.
+
+Workers (`train_loop_per_worker`): data parallel over torch.distributed (gloo on CPU, NCCL on
+GPU, set up by Ray). Gradients are averaged by fmm.training.train_step rather than by a
+DistributedDataParallel wrapper, because torch.func JVPs cannot run through one. Each worker has
+its own seed and its own part of the data; the model starts identical everywhere (rank 0's
+weights are broadcast). Every `checkpoint_every` steps rank 0 writes model, EMA, optimiser,
+schedule, objective state, step and the resolved config, and every worker calls
+ray.train.report; Ray uploads the checkpoint to the run's storage (a folder or s3://).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fmm import storage
+from fmm.experiment import ExperimentConfig
+
+RUN_RECORD = "fmm_run.json"
+
+
+# -- building the pieces -------------------------------------------------------------------------
+
+def build_interpolant(exp: ExperimentConfig):
+    from fmm.interpolants import Interpolant, make_schedule
+
+    spec = exp.interpolant
+    return Interpolant(make_schedule(spec.schedule, **spec.params), spec.sigma0, spec.latent_noise)
+
+
+def build_model(exp: ExperimentConfig):
+    from fmm.flowmap import FlowMap
+    from fmm.nets import make_network
+
+    network = dict(exp.network)
+    return FlowMap(make_network(network.pop("name"), **network))
+
+
+def build_teacher(exp: ExperimentConfig, interpolant):
+    from fmm.teachers import make_teacher
+
+    if exp.teacher is None:
+        return None
+    spec = dict(exp.teacher)
+    if spec.get("kind") == "checkpoint" and "tracking_uri" not in spec:
+        spec["tracking_uri"] = exp.tracking.uri
+    return make_teacher(spec, interpolant)
+
+
+def lr_factor(optim, step: int) -> float:
+    """Linear warm-up, then constant, cosine to zero, or 1/sqrt(step / decay_start) (LSD's schedule)."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.decay == "sqrt" and optim.decay_start and step > optim.decay_start:
+        return 1 / math.sqrt(step / optim.decay_start)
+    return 1.0
+
+
+def build_optimiser(exp: ExperimentConfig, params, total_steps: int):
+    optim = exp.optim
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[optim.name]
+    optimiser = cls(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    if optim.decay == "cosine":
+        def factor(step: int) -> float:
+            warm = lr_factor(optim, step)
+            if step < optim.warmup_steps:
+                return warm
+            progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    else:
+        def factor(step: int) -> float:
+            return lr_factor(optim, step)
+    return optimiser, torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+
+
+class DataSource:
+    """Random batches from this worker's part of the Parquet shards, or exact draws of a toy target."""
+
+    def __init__(self, exp: ExperimentConfig, rank: int, world: int, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        if exp.data.target is not None:
+            from fmm.groundtruth import make_target
+
+            self.target, self.x = make_target(exp.data.target), None
+            self.shape = (self.target.dim,)
+        else:
+            from fmm.data import read_part
+
+            self.target = None
+            self.x, manifest = read_part(exp.data.path, rank, world)
+            self.shape = tuple(manifest["shape"])
+
+    def batch(self, n: int) -> torch.Tensor:
+        if self.target is not None:
+            return self.target.sample(n, self.generator).float()
+        return self.x[torch.randint(len(self.x), (n,), generator=self.generator)]
+
+
+def data_shape(exp: ExperimentConfig) -> tuple[int, ...]:
+    if exp.data.target is not None:
+        from fmm.groundtruth import make_target
+
+        return (make_target(exp.data.target).dim,)
+    from fmm.data import read_manifest
+
+    return tuple(read_manifest(exp.data.path)["shape"])
+
+
+def validate_before_start(exp: ExperimentConfig) -> None:
+    """Everything that can be checked without workers, each failure one clear ValueError."""
+    from fmm.objectives import make_objective
+
+    if exp.train.precision == "bf16" and not exp.scaling.use_gpu:
+        raise ValueError("train.precision 'bf16' is autocast on GPU: set scaling.use_gpu true or use 'fp32'.")
+    interpolant = build_interpolant(exp)
+    model = build_model(exp)
+    shape = data_shape(exp)
+    if tuple(model.sample_shape) != shape:
+        raise ValueError(f"the data's samples have shape {list(shape)} but network {exp.network['name']!r} "
+                         f"takes {list(model.sample_shape)}: fix the network keys or data.")
+    objective = make_objective(dict(exp.objective), interpolant)
+    objective.prepare(model, build_teacher(exp, interpolant))
+    storage.check_writable(exp.storage.path, "storage.path")
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+@dataclass
+class State:
+    model: Any
+    ema: Any
+    objective: Any
+    optimiser: Any
+    scheduler: Any
+    step: int = 0
+
+
+def save_state(state: State, exp: ExperimentConfig, folder: str, metrics: dict[str, float]) -> None:
+    torch.save({"format": "fmm-train/1", "model": state.model.state_dict(), "ema": state.ema.state_dict(),
+                "objective": state.objective.state_dict(), "optimiser": state.optimiser.state_dict(),
+                "scheduler": state.scheduler.state_dict(), "step": state.step, "config": exp.model_dump(),
+                "network": state.model.net.config, "metrics": metrics}, os.path.join(folder, "state.pt"))
+
+
+def load_state(state: State, folder: str) -> None:
+    payload = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
+    state.model.load_state_dict(payload["model"])
+    state.ema.load_state_dict(payload["ema"])
+    state.objective.load_state_dict(payload["objective"])
+    state.optimiser.load_state_dict(payload["optimiser"])
+    state.scheduler.load_state_dict(payload["scheduler"])
+    state.step = payload["step"]
+
+
+def export_flow_map(state_path: str, out_path: str) -> None:
+    """A training checkpoint's EMA weights as a flow-map file (what teachers and samplers load)."""
+    payload = torch.load(state_path, map_location="cpu", weights_only=False)
+    torch.save({"format": "fmm-flowmap/1", "network": payload["network"], "model": payload["ema"], "ema": None,
+                "config": payload["config"], "step": payload["step"]}, out_path)
+
+
+# -- the per-worker loop -------------------------------------------------------------------------
+
+def _update_ema(ema, model, decay: float) -> None:
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(p, 1 - decay)
+        for be, b in zip(ema.buffers(), model.buffers()):
+            be.copy_(b)
+
+
+def _sample_figure(ema, shape, steps: list[int], device, seed: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fmm.sampling import flow_map_sample
+
+    g = torch.Generator().manual_seed(seed)
+    n = 2000 if len(shape) == 1 else 16
+    noise = torch.randn((n, *shape), generator=g).to(device)
+    fig, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3.2), squeeze=False)
+    with torch.no_grad():
+        for ax, k in zip(axes[0], steps):
+            x = flow_map_sample(ema, noise, steps=k).samples.float().cpu()
+            if len(shape) == 1:
+                ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5)
+                ax.set_aspect("equal")
+            else:
+                c, h, w = shape
+                grid = x.clamp(-1, 1).add(1).div(2).reshape(4, 4, c, h, w).permute(0, 3, 1, 4, 2).reshape(4 * h, 4 * w, c)
+                ax.imshow(grid.squeeze(-1).numpy(), cmap="gray" if c == 1 else None)
+                ax.axis("off")
+            ax.set_title(f"{k} step{'s' if k > 1 else ''}")
+    fig.tight_layout()
+    return fig
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from fmm.distributed import broadcast_parameters, is_distributed
+    from fmm.objectives import make_objective
+    from fmm.training import train_step, trainable_parameters
+
+    exp = ExperimentConfig(**config["experiment"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(exp.scaling.cpus_per_worker)
+    device = ray.train.torch.get_device()
+
+    torch.manual_seed(exp.train.seed)  # the same initial weights everywhere (and rank 0's are broadcast)
+    interpolant = build_interpolant(exp)
+    model = build_model(exp).to(device)
+    objective = make_objective(dict(exp.objective), interpolant).to(device)
+    teacher = build_teacher(exp, interpolant)
+    if hasattr(teacher, "to"):
+        teacher = teacher.to(device)
+    objective.prepare(model, teacher)
+    optimiser, scheduler = build_optimiser(exp, trainable_parameters(model, objective), exp.train.steps)
+    state = State(model, copy.deepcopy(model).requires_grad_(False), objective, optimiser, scheduler)
+
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as folder:
+            load_state(state, folder)
+    broadcast_parameters(model)
+    broadcast_parameters(objective)
+    broadcast_parameters(state.ema)
+    # Each worker draws its own noise and batches; after a restart the streams move on, not repeat.
+    torch.manual_seed(exp.train.seed + 1000 * rank + state.step)
+    data = DataSource(exp, rank, world, seed=exp.train.seed + 1000 * rank + state.step + 1)
+    per_worker = exp.train.batch_size // world
+
+    logger, local_dir = None, None
+    if rank == 0:
+        from fmm.tracking import RunLogger
+
+        logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"])
+        local_dir = tempfile.mkdtemp(prefix="fmm-")  # on this worker's node: the best EMA map until the end
+    autocast = exp.train.precision == "bf16" and device.type == "cuda"
+    best = {"loss": math.inf}
+    window: list[float] = []
+    last_time, last_step = time.perf_counter(), state.step
+    if rank == 0:
+        print(f"[fmm] {exp.name}: steps {state.step} -> {exp.train.steps}, {world} worker(s) on {device}, "
+              f"global batch {exp.train.batch_size}", flush=True)
+
+    while state.step < exp.train.steps:
+        if exp.train.fail_at_step == state.step + 1 and restored is None and rank == world - 1:
+            raise RuntimeError(f"injected failure at step {state.step + 1} (train.fail_at_step)")
+        batch = data.batch(per_worker).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logs = train_step(model, objective, optimiser, batch, teacher=teacher, step=state.step,
+                              grad_clip=exp.optim.grad_clip)
+        scheduler.step()
+        _update_ema(state.ema, model, exp.train.ema_decay)
+        state.step += 1
+        loss = float(logs["loss"])
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {state.step}")
+        window.append(loss)
+
+        if state.step % exp.train.log_every == 0 or state.step == exp.train.steps:
+            now = time.perf_counter()
+            rate = (state.step - last_step) * exp.train.batch_size / max(now - last_time, 1e-9)
+            last_time, last_step = now, state.step
+            metrics = {"train/loss": sum(window) / len(window), "train/lr": scheduler.get_last_lr()[0],
+                       "train/samples_per_s": rate}
+            if "grad_norm" in logs:
+                metrics["train/grad_norm"] = float(logs["grad_norm"])
+            metrics.update({f"train/{k}": float(v) for k, v in logs.items() if k.startswith("mse_")})
+            window = []
+            if logger is not None:
+                logger.log_metrics(metrics, state.step)
+                print(f"[fmm] step {state.step:6d}  loss {metrics['train/loss']:.4f}  "
+                      f"lr {metrics['train/lr']:.2e}  {rate:,.0f} samples/s", flush=True)
+
+        if state.step % exp.train.checkpoint_every == 0 or state.step == exp.train.steps:
+            report = {"step": state.step, "loss": loss}
+            with tempfile.TemporaryDirectory() as folder:
+                checkpoint = None
+                if rank == 0:
+                    save_state(state, exp, folder, report)
+                    checkpoint = ray.train.Checkpoint.from_directory(folder)
+                    logger.flush()
+                ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"step_{state.step:08d}")
+                if rank == 0 and loss < best["loss"]:
+                    best = {"loss": loss, "step": state.step}
+                    export_flow_map(os.path.join(folder, "state.pt"), os.path.join(local_dir, "best.pt"))
+
+    checksum = torch.cat([p.detach().reshape(-1).double().cpu() for p in trainable_parameters(model, objective)])
+    gathered = [float(checksum.sum())]
+    if is_distributed():
+        gathered = [None] * world
+        dist.all_gather_object(gathered, float(checksum.sum()))
+    if rank == 0:
+        finish_run(state, exp, logger, best, device, local_dir)
+    return {"step": state.step, "param_checksums": gathered, "best": best}
+
+
+def finish_run(state: State, exp: ExperimentConfig, logger, best: dict, device, local_dir: str) -> None:
+    """Rank 0 at the end: final and best EMA flow maps and a sample figure as MLflow artifacts."""
+    with tempfile.TemporaryDirectory() as folder:
+        save_state(state, exp, folder, {"step": state.step})
+        final = os.path.join(folder, "final.pt")
+        export_flow_map(os.path.join(folder, "state.pt"), final)
+        logger.log_artifact(final, "checkpoints")
+    best_path = os.path.join(local_dir, "best.pt")
+    if os.path.isfile(best_path):
+        logger.log_artifact(best_path, "checkpoints")
+        logger.set_tags({"best_step": best.get("step", ""), "best_loss": best.get("loss", "")})
+    shape = tuple(state.model.sample_shape)
+    if len(shape) == 1 and shape[0] != 2:
+        return
+    import matplotlib.pyplot as plt
+
+    fig = _sample_figure(state.ema, shape, exp.train.sample_steps, device, exp.train.seed)
+    logger.log_figure(fig, f"samples/step_{state.step:08d}.png")
+    plt.close(fig)
+    logger.flush()
+
+
+# -- the driver ----------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    name: str
+    run_dir: str
+    mlflow_run_id: str
+    tracking_uri: str
+    return_value: dict[str, Any] | None
+    checkpoint_path: str | None
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def read_record(run_dir: str) -> dict[str, Any]:
+    path = storage.join(run_dir, RUN_RECORD)
+    try:
+        return json.loads(storage.read_bytes(path))
+    except ValueError:
+        raise ValueError(f"no fmm run at {run_dir!r} (missing {RUN_RECORD}): give the run's folder or URI, "
+                         f"<storage.path>/<name>.") from None
+
+
+def run_training(exp: ExperimentConfig, *, address: str | None = None, resume: bool = False,
+                 log=print) -> TrainResult:
+    """Validate, record, track and fit. `resume` continues the run of the same name and storage."""
+    from fmm import tracking
+
+    validate_before_start(exp)
+    run_dir = storage.join(exp.storage.path, exp.name)
+    uri = tracking.resolve_uri(exp.tracking.uri)
+    record_exists = storage.exists(storage.join(run_dir, RUN_RECORD))
+    if record_exists and not resume:
+        raise ValueError(f"a run named {exp.name!r} already exists at {run_dir}: continue it with "
+                         f"'fmm train --resume {run_dir}' or choose another name.")
+    if resume:
+        record = read_record(run_dir)
+        run_id = record["mlflow_run_id"]
+        uri = record["tracking_uri"]
+        tracking.set_tags(uri, run_id, {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    else:
+        experiment_id = tracking.ensure_experiment(uri, exp.tracking.experiment)
+        tags = {"objective": exp.objective["name"], "schedule": exp.interpolant.schedule,
+                "dataset": exp.data.target or exp.data.path, "network": exp.network["name"],
+                "git_commit": git_commit(), "ray_run": exp.name, "ray_storage": run_dir}
+        run_id = tracking.start_run(uri, experiment_id, exp.name, tracking.flatten(exp.model_dump()), tags)
+    record = {"name": exp.name, "mlflow_run_id": run_id, "tracking_uri": uri, "experiment": exp.model_dump()}
+    storage.write_bytes(storage.join(run_dir, RUN_RECORD), json.dumps(record, indent=1).encode())
+    log(f"[fmm] run {exp.name}: storage {run_dir}, MLflow run {run_id} at {uri}")
+
+    status = "FAILED"
+    try:
+        result = _fit(exp, record, address)
+        status = "FINISHED"
+    finally:
+        tracking.end_run(uri, run_id, status)
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    if checkpoint:
+        tracking.set_tags(uri, run_id, {"ray_checkpoint": checkpoint})
+    return TrainResult(exp.name, run_dir, run_id, uri, result.return_value, checkpoint)
+
+
+def _fit(exp: ExperimentConfig, record: dict[str, Any], address: str | None):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import ScalingConfig as RayScaling
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        # Workers print progress once; Ray Train's print patch would echo every line a second time.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+        ray.init(address=address, log_to_driver=True)
+    scaling = exp.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker or 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": exp.model_dump(), "mlflow_run_id": record["mlflow_run_id"],
+                           "tracking_uri": record["tracking_uri"]},
+        scaling_config=RayScaling(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                  resources_per_worker=resources),
+        run_config=RunConfig(name=exp.name, storage_path=storage.absolute(exp.storage.path),
+                             failure_config=FailureConfig(max_failures=scaling.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=exp.train.keep_checkpoints)),
+    )
+    return trainer.fit()
