@@ -75,7 +75,7 @@ def check_writable(uri: str, what: str) -> None:
         fs, path = filesystem(marker)
         fs.delete_file(path)
     except Exception as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = (str(err).splitlines()[0] if str(err) else type(err).__name__).rstrip(".")
         raise ValueError(f"{what} {uri!r} cannot be written: {reason}. Give a folder you can write to, or an "
                          f"s3://bucket/prefix with valid credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
                          f"AWS_ENDPOINT_URL for an S3-compatible server).") from None

@@ -316,7 +316,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         dist.all_gather_object(gathered, float(checksum.sum()))
     if rank == 0:
         finish_run(state, exp, logger, best, device, local_dir)
-    return {"step": state.step, "param_checksums": gathered, "best": best}
+    import resource
+
+    return {"step": state.step, "param_checksums": gathered, "best": best,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def finish_run(state: State, exp: ExperimentConfig, logger, best: dict, device, local_dir: str) -> None:

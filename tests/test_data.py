@@ -1,0 +1,107 @@
+"""Datasets as Parquet shards: the readers of each original format, the shard layout, per-worker parts."""
+
+import gzip
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from fmm.data import DEFAULT_SOURCES, load, prepare, read_manifest, read_part
+
+
+def test_toy_target_round_trips_through_shards(tmp_path):
+    out = str(tmp_path / "flower")
+    manifest = prepare("flower", out, shards=3, samples=1000, seed=1)
+    assert manifest["rows"] == 1000 and manifest["shape"] == [2] and len(manifest["files"]) == 3
+    x, _ = read_part(out)
+    torch.testing.assert_close(x, torch.from_numpy(load("flower", samples=1000, seed=1).x))
+    table = pq.read_table(os.path.join(out, "part-00000.parquet"))
+    assert table.schema.field("x").type.list_size == 2
+
+
+@pytest.mark.parametrize("shards,world", [(4, 2), (3, 2), (1, 3)])
+def test_each_worker_reads_its_own_disjoint_part(tmp_path, shards, world):
+    out = str(tmp_path / "flower")
+    prepare("flower", out, shards=shards, samples=999)
+    parts = [read_part(out, rank, world)[0] for rank in range(world)]
+    assert sum(len(p) for p in parts) == 999
+    rows = {tuple(r.tolist()) for p in parts for r in p}
+    assert len(rows) == 999  # disjoint and complete
+
+
+def test_digits_are_images_in_minus_one_to_one(tmp_path):
+    out = str(tmp_path / "digits")
+    prepare("digits", out, shards=2)
+    x, manifest = read_part(out)
+    assert manifest["shape"] == [1, 8, 8] and manifest["encoding"] == "uint8_image" and x.shape == (1797, 1, 8, 8)
+    assert x.min() == -1 and x.max() == 1
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx_reader_on_files_in_the_idx_format(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (10, 28, 28))
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(10))
+    data = load("fashion_mnist", str(tmp_path))
+    assert data.shape == (1, 28, 28) and np.array_equal(data.x[:, 0], images) and list(data.labels) == list(range(10))
+
+
+@pytest.mark.skipif(not os.path.isdir(DEFAULT_SOURCES["fashion_mnist"]),
+                    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
+def test_fashion_mnist_from_the_debian_package():
+    data = load("fashion_mnist")
+    assert data.x.shape == (60000, 1, 28, 28) and sorted(set(data.labels.tolist())) == list(range(10))
+
+
+def test_cifar10_pickle_reader(tmp_path):
+    rng = np.random.default_rng(1)
+    for i in range(1, 6):
+        batch = {b"data": rng.integers(0, 256, (4, 3072)).astype(np.uint8), b"labels": [i % 10] * 4}
+        with open(tmp_path / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch, f)
+    data = load("cifar10", str(tmp_path))
+    assert data.x.shape == (20, 3, 32, 32) and data.labels.tolist()[:4] == [1, 1, 1, 1]
+
+
+def test_imagenet32_npz_reader_counts_labels_from_zero(tmp_path):
+    rng = np.random.default_rng(2)
+    for i in (1, 2, 10):
+        np.savez(tmp_path / f"train_data_batch_{i}.npz", data=rng.integers(0, 256, (3, 3072)).astype(np.uint8),
+                 labels=np.array([1, 2, 1000]))
+    data = load("imagenet32", str(tmp_path))
+    assert data.x.shape == (9, 3, 32, 32) and data.labels.tolist()[:3] == [0, 1, 999]
+
+
+@pytest.mark.parametrize("name,source,match", [
+    ("cifar10", "/nowhere/cifar", r"dataset 'cifar10': the source folder not found at '/nowhere/cifar'"),
+    ("imagenet32", None, r"dataset 'imagenet32': the source folder not found at 'None'"),
+    ("mnist", None, r"unknown dataset 'mnist'"),
+])
+def test_missing_sources_name_the_path_to_fill(name, source, match):
+    with pytest.raises(ValueError, match=match):
+        load(name, source)
+
+
+def test_reading_an_unprepared_folder_says_how_to_prepare_it(tmp_path):
+    with pytest.raises(ValueError, match=r"fmm data prepare DATASET --out"):
+        read_manifest(str(tmp_path))
+
+
+def test_data_prepare_command(tmp_path):
+    out = tmp_path / "checker"
+    result = subprocess.run([sys.executable, "-m", "fmm.cli", "data", "prepare", "checkerboard", "--out", str(out),
+                             "--samples", "500", "--shards", "2"], capture_output=True, text=True)
+    assert result.returncode == 0 and "wrote 500 samples of shape [2] in 2 Parquet shards" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "fmm.cli", "data", "prepare", "cifar10", "--out", str(out),
+                             "--source", str(tmp_path / "none")], capture_output=True, text=True)
+    assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,212 @@
+"""`fmm train` on real components: a local Ray cluster with two gloo workers, SQLite MLflow stores read
+back through MlflowClient, and moto's S3 server on loopback for storage and data."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import boto3
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from fmm.data import prepare
+from fmm.experiment import load_experiment
+from fmm.train import (State, build_interpolant, build_model, build_optimiser, load_state, run_training,
+                       save_state)
+
+pytestmark = pytest.mark.slow
+
+BASE = {
+    "name": "toy",
+    "data": {"target": "flower"},
+    "network": {"name": "mlp", "dim": 2, "width": 64, "depth": 2},
+    "objective": {"name": "lmd", "diagonal_fraction": 0.25},
+    "teacher": {"kind": "exact", "target": "flower"},
+    "optim": {"lr": 3e-3, "warmup_steps": 5},
+    "train": {"steps": 60, "batch_size": 256, "checkpoint_every": 20, "log_every": 10, "ema_decay": 0.9},
+    "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+}
+
+
+def experiment(tmp_path, **changes):
+    raw = copy.deepcopy(BASE)
+    raw["storage"] = {"path": str(tmp_path / "runs")}
+    raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tests"}
+    for dotted, value in changes.items():
+        node = raw
+        keys = dotted.split("__")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return load_experiment(raw=raw)
+
+
+def untrained_loss(exp) -> float:
+    from fmm.objectives import make_objective
+    from fmm.train import build_teacher
+
+    torch.manual_seed(exp.train.seed)
+    interp = build_interpolant(exp)
+    model = build_model(exp)
+    objective = make_objective(dict(exp.objective), interp)
+    teacher = build_teacher(exp, interp)
+    x1 = teacher.target.sample(4096, torch.Generator().manual_seed(5)).float()
+    with torch.no_grad():
+        torch.manual_seed(6)
+        return float(objective(model, x1, teacher=teacher)[0])
+
+
+def test_two_workers_learn_and_end_with_identical_parameters(ray_cluster, tmp_path):
+    exp = experiment(tmp_path, name="two-workers", scaling__num_workers=2)
+    result = run_training(exp, log=lambda *_: None)
+    checksums = result.return_value["param_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    history = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, "train/loss")
+    assert [m.step for m in history] == [10, 20, 30, 40, 50, 60]
+    assert history[-1].value < 0.5 * untrained_loss(exp)
+
+
+def test_checkpoint_round_trip_restores_model_optimiser_schedule_and_step(tmp_path):
+    from fmm.objectives import make_objective
+
+    exp = experiment(tmp_path)
+
+    def fresh() -> State:
+        torch.manual_seed(123)
+        model = build_model(exp)
+        objective = make_objective(dict(exp.objective), build_interpolant(exp))
+        optimiser, scheduler = build_optimiser(exp, list(model.parameters()), exp.train.steps)
+        return State(model, copy.deepcopy(model), objective, optimiser, scheduler)
+
+    state = fresh()
+    for _ in range(7):
+        loss = state.model(torch.rand(32), torch.rand(32), torch.randn(32, 2)).pow(2).mean()
+        state.optimiser.zero_grad()
+        loss.backward()
+        state.optimiser.step()
+        state.scheduler.step()
+        state.step += 1
+    save_state(state, exp, str(tmp_path), {})
+    other = fresh()
+    load_state(other, str(tmp_path))
+    assert other.step == 7 and other.scheduler.last_epoch == state.scheduler.last_epoch
+    for a, b in zip(state.model.parameters(), other.model.parameters()):
+        assert torch.equal(a, b)
+    sa, sb = state.optimiser.state_dict(), other.optimiser.state_dict()
+    for key in sa["state"]:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(sa["state"][key][name]), torch.as_tensor(sb["state"][key][name]))
+
+
+def test_a_failed_worker_resumes_from_the_last_checkpoint_and_finishes(ray_cluster, tmp_path):
+    exp = experiment(tmp_path, name="recovering", train__fail_at_step=45, scaling__max_failures=1,
+                     scaling__num_workers=2)
+    result = run_training(exp, log=lambda *_: None)
+    assert result.return_value["step"] == 60
+    client = MlflowClient(result.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                              "attributes.run_name = 'recovering'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "train/loss")]
+    assert steps[-1] == 60 and 40 in steps  # logged before the failure, then resumed from step 40
+
+
+def test_mlflow_run_holds_params_metrics_artifacts_and_tags_and_serves_as_teacher(ray_cluster, tmp_path):
+    exp = experiment(tmp_path, name="tracked")
+    result = run_training(exp, log=lambda *_: None)
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.params["objective.name"] == "lmd" and run.data.params["train.steps"] == "60"
+    assert run.data.params["network.width"] == "64"
+    for key in ("train/loss", "train/lr", "train/samples_per_s", "train/grad_norm"):
+        assert key in run.data.metrics
+    tags = run.data.tags
+    assert tags["objective"] == "lmd" and tags["schedule"] == "linear" and tags["dataset"] == "flower"
+    assert tags["ray_run"] == "tracked" and tags["ray_checkpoint"].endswith("step_00000060") and tags["git_commit"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert artifacts == {"checkpoints/final.pt", "checkpoints/best.pt"}
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step_00000060.png"]
+    record = json.load(open(os.path.join(result.run_dir, "fmm_run.json")))
+    assert record["mlflow_run_id"] == run.info.run_id  # the Ray run points at the MLflow run and back
+
+    from fmm.interpolants import Interpolant
+    from fmm.teachers import make_teacher
+
+    teacher = make_teacher({"kind": "checkpoint", "path": f"runs:/{run.info.run_id}",
+                            "tracking_uri": result.tracking_uri}, Interpolant("linear"))
+    assert teacher(torch.full((4,), 0.5), torch.randn(4, 2)).shape == (4, 2)
+
+
+def test_s3_storage_and_parquet_data_checkpoint_and_resume(ray_cluster, tmp_path, s3_server):
+    prepare("flower", "s3://fmm/data/flower", shards=4, samples=4000)
+    exp = experiment(tmp_path, name="on-s3", data={"path": "s3://fmm/data/flower"}, storage={"path": "s3://fmm/runs"},
+                     train__steps=40, scaling__num_workers=2)
+    result = run_training(exp, log=lambda *_: None)
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="fmm", Prefix="runs/on-s3/")["Contents"]}
+    assert "runs/on-s3/fmm_run.json" in keys and "runs/on-s3/step_00000040/state.pt" in keys
+    assert result.checkpoint_path.endswith("step_00000040")
+
+    from fmm.experiment import load_experiment as load
+    from fmm.train import read_record
+
+    record = read_record("s3://fmm/runs/on-s3")
+    resumed = run_training(load(raw=record["experiment"], overrides=["train.steps=60"]), resume=True,
+                           log=lambda *_: None)
+    assert resumed.return_value["step"] == 60 and resumed.mlflow_run_id == result.mlflow_run_id
+    steps = [m.step for m in MlflowClient(resumed.tracking_uri).get_metric_history(resumed.mlflow_run_id, "train/loss")]
+    assert steps == [10, 20, 30, 40, 50, 60]
+
+
+def fmm_cli(*args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "fmm.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def write_yaml(tmp_path, **changes) -> str:
+    import yaml
+
+    raw = copy.deepcopy(BASE)
+    raw["storage"] = {"path": str(tmp_path / "runs")}
+    raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    raw.update(changes)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.mark.parametrize("changes,args,message", [
+    ({"optimiser": {"lr": 1}}, [], r"unknown key 'optimiser'"),
+    ({}, ["--set", "train.steps=many"], r"'train.steps': Input should be a valid integer"),
+    ({}, ["--set", "objective.name=consistency"], r"unknown objective 'consistency'"),
+    ({"teacher": {"kind": "checkpoint", "path": "/nowhere/teacher.pt"}}, [], r"no flow-map checkpoint at '/nowhere"),
+    ({"storage": {"path": "/proc/fmm-runs"}}, [], r"storage.path '/proc/fmm-runs' cannot be written"),
+    ({"data": {"path": "/nowhere/shards"}}, [], r"no prepared dataset at '/nowhere/shards'"),
+    ({"network": {"name": "mlp", "dim": 3}}, [], r"samples have shape \[2\] but network 'mlp' takes \[3\]"),
+])
+def test_bad_input_is_a_clear_error_before_any_worker_starts(tmp_path, changes, args, message):
+    import re
+
+    result = fmm_cli("train", write_yaml(tmp_path, **changes), *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert re.search(message, result.stderr) and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs" / "toy").exists()  # nothing half-written
+
+
+def test_refused_s3_credentials_stop_the_run_before_it_starts(tmp_path, refusing_s3):
+    result = fmm_cli("train", write_yaml(tmp_path, storage={"path": "s3://fmm/runs"}), cwd=tmp_path,
+                     env={"AWS_ENDPOINT_URL": refusing_s3, "AWS_ACCESS_KEY_ID": "nobody",
+                          "AWS_SECRET_ACCESS_KEY": "wrong", "AWS_REGION": "us-east-1"})
+    assert result.returncode == 2
+    assert "storage.path 's3://fmm/runs' cannot be written" in result.stderr
+    assert "ACCESS_DENIED" in result.stderr or "INVALID_ACCESS_KEY_ID" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_existing_run_name_is_not_overwritten(ray_cluster, tmp_path):
+    exp = experiment(tmp_path, name="once", train__steps=20)
+    run_training(exp, log=lambda *_: None)
+    with pytest.raises(ValueError, match=r"a run named 'once' already exists .* --resume"):
+        run_training(exp, log=lambda *_: None)
