@@ -126,6 +126,7 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_tags_and_serves_as_teache
     tags = run.data.tags
     assert tags["objective"] == "lmd" and tags["schedule"] == "linear" and tags["dataset"] == "flower"
     assert tags["ray_run"] == "tracked" and tags["ray_checkpoint"].endswith("step_00000060") and tags["git_commit"]
+    assert tags["checkpoint_latest"] == os.path.join(result.run_dir, "step_00000060")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert artifacts == {"checkpoints/final.pt", "checkpoints/best.pt"}
     assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step_00000060.png"]
@@ -210,3 +211,23 @@ def test_an_existing_run_name_is_not_overwritten(ray_cluster, tmp_path):
     run_training(exp, log=lambda *_: None)
     with pytest.raises(ValueError, match=r"a run named 'once' already exists .* --resume"):
         run_training(exp, log=lambda *_: None)
+
+
+def test_a_teacher_checkpoint_on_s3_is_fetched(s3_server):
+    from fmm import storage
+    from fmm.checkpoint import save_flow_map
+    from fmm.flowmap import FlowMap
+    from fmm.interpolants import Interpolant
+    from fmm.nets import make_network
+    from fmm.teachers import make_teacher
+
+    model = FlowMap(make_network("mlp", dim=2, width=16, depth=1))
+    torch.nn.init.normal_(model.net.out.weight)
+    local = os.path.join(os.environ.get("TMPDIR", "/tmp"), "fmm-teacher-test.pt")
+    save_flow_map(local, model)
+    storage.write_bytes("s3://fmm/teachers/t.pt", open(local, "rb").read())
+    teacher = make_teacher({"kind": "checkpoint", "path": "s3://fmm/teachers/t.pt"}, Interpolant("linear"))
+    x, t = torch.randn(8, 2), torch.rand(8)
+    torch.testing.assert_close(teacher(t, x), model.velocity(t, x))
+    with pytest.raises(ValueError, match="no flow-map checkpoint at 's3://fmm/teachers/missing.pt'"):
+        make_teacher({"kind": "checkpoint", "path": "s3://fmm/teachers/missing.pt"}, Interpolant("linear"))

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fmm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # a failed run (e.g. retries exhausted) ends with its reason, not a traceback
-        if type(err).__name__ in ("TrainingFailedError", "RayTaskError", "FloatingPointError"):
+        if any(cls.__name__ in ("TrainingFailedError", "RayTaskError") for cls in type(err).__mro__):
             print(f"fmm {args.command}: the run failed: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
             return 1
         raise

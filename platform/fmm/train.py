@@ -270,9 +270,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if exp.train.fail_at_step == state.step + 1 and restored is None and rank == world - 1:
             raise RuntimeError(f"injected failure at step {state.step + 1} (train.fail_at_step)")
         batch = data.batch(per_worker).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logs = train_step(model, objective, optimiser, batch, teacher=teacher, step=state.step,
-                              grad_clip=exp.optim.grad_clip)
+        logs = train_step(model, objective, optimiser, batch, teacher=teacher, step=state.step,
+                          grad_clip=exp.optim.grad_clip, bf16=autocast)
         scheduler.step()
         _update_ema(state.ema, model, exp.train.ema_decay)
         state.step += 1
@@ -305,6 +304,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     checkpoint = ray.train.Checkpoint.from_directory(folder)
                     logger.flush()
                 ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"step_{state.step:08d}")
+                if rank == 0:
+                    logger.set_tags({"checkpoint_latest": storage.join(config["run_dir"], f"step_{state.step:08d}")})
                 if rank == 0 and loss < best["loss"]:
                     best = {"loss": loss, "step": state.step}
                     export_flow_map(os.path.join(folder, "state.pt"), os.path.join(local_dir, "best.pt"))
@@ -430,7 +431,8 @@ def _fit(exp: ExperimentConfig, record: dict[str, Any], address: str | None):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": exp.model_dump(), "mlflow_run_id": record["mlflow_run_id"],
-                           "tracking_uri": record["tracking_uri"]},
+                           "tracking_uri": record["tracking_uri"],
+                           "run_dir": storage.join(exp.storage.path, exp.name)},
         scaling_config=RayScaling(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                   resources_per_worker=resources),
         run_config=RunConfig(name=exp.name, storage_path=storage.absolute(exp.storage.path),

@@ -24,8 +24,12 @@ def trainable_parameters(model: TwoTimeMap, objective: Objective) -> list[torch.
 
 
 def train_step(model: TwoTimeMap, objective: Objective, optimiser: torch.optim.Optimizer, batch: Tensor, *,
-               teacher: VelocityField | None, step: int, grad_clip: float | None = None) -> dict[str, Any]:
-    loss, logs = objective(model, batch, teacher=teacher, step=step)
+               teacher: VelocityField | None, step: int, grad_clip: float | None = None,
+               bf16: bool = False) -> dict[str, Any]:
+    """One step; with `bf16` the loss's forward passes run under bf16 autocast (JVPs stay fp32, see
+    TwoTimeMap.jvp) and the backward pass outside it, as PyTorch recommends."""
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss, logs = objective(model, batch, teacher=teacher, step=step)
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for group in optimiser.param_groups for p in group["params"]]
