@@ -80,6 +80,16 @@ def _data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    from fmm.sample import sample, write
+
+    array = sample(args.checkpoint, args.steps, noise_path=args.noise, samples=args.samples, seed=args.seed,
+                   device="cuda" if args.cuda else "cpu")
+    write(array, args.out)
+    print(f"wrote {len(array)} samples of shape {list(array.shape[1:])} ({args.steps} steps) to {args.out}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -122,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     train.add_argument("--resume", metavar="RUN", help="continue the run at RUN (<storage.path>/<name>)")
     train.set_defaults(func=_train)
+
+    smp = sub.add_parser("sample", help="write N-step samples of a flow map to .npy or .parquet")
+    smp.add_argument("checkpoint", help="flow-map file: path, s3:// URI or runs:/<mlflow run id>")
+    smp.add_argument("--steps", type=_positive_int, required=True, help="number of flow-map steps (NFE)")
+    smp.add_argument("--noise", help=".npy file of noise, one row per sample (else drawn from --seed)")
+    smp.add_argument("--samples", type=_positive_int, default=1000)
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--out", required=True, help="output .npy or .parquet (local or s3://)")
+    smp.add_argument("--cuda", action="store_true", help="sample on the GPU")
+    smp.set_defaults(func=_sample)
 
     data = sub.add_parser("data", help="prepare datasets as Parquet shards")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)

@@ -59,3 +59,61 @@ def map_rmse(x: Tensor, reference: Tensor) -> float:
     if x.shape != reference.shape:
         raise ValueError(f"map outputs and reference must match; got {tuple(x.shape)} and {tuple(reference.shape)}.")
     return float((x.to(F64) - reference.to(F64)).flatten(1).pow(2).sum(1).mean().sqrt())
+
+
+def mmd_rbf(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0), max_points: int = 4000) -> float:
+    """Squared MMD with a sum of Gaussian kernels exp(-|a - b|^2 / (2 h^2)) (biased V-statistic),
+    on the first `max_points` of each set to bound the quadratic cost."""
+    x, y = x.to(F64).flatten(1)[:max_points], y.to(F64).flatten(1)[:max_points]
+
+    def kernel(a: Tensor, b: Tensor) -> Tensor:
+        d2 = torch.cdist(a, b).pow(2)
+        return sum(torch.exp(-d2 / (2 * h * h)) for h in bandwidths)
+
+    return float(kernel(x, x).mean() + kernel(y, y).mean() - 2 * kernel(x, y).mean())
+
+
+def exact_w2(x: Tensor, y: Tensor, max_points: int = 2000) -> float:
+    """W2 between the empirical measures of (up to) `max_points` samples each, by exact optimal
+    transport (POT's network simplex)."""
+    import ot
+
+    a, b = x.to(F64).flatten(1)[:max_points].numpy(), y.to(F64).flatten(1)[:max_points].numpy()
+    cost = ot.dist(a, b, metric="sqeuclidean")
+    return float(ot.emd2(ot.unif(len(a)), ot.unif(len(b)), cost, numItermax=10_000_000)) ** 0.5
+
+
+def histogram_kl(samples: Tensor, log_density, extent: float, bins: int = 50) -> float:
+    """KL(rho || rho_hat) by bin-centre quadrature on a bins x bins grid over [-extent, extent]^2,
+    rho the target density, rho_hat the samples' normalised histogram (LSD 2505.18825 §3.3's
+    checkerboard metric). Empty bins where rho > 0 make it infinite, as they should."""
+    x = samples.to(F64)
+    if x.dim() != 2 or x.shape[1] != 2:
+        raise ValueError(f"histogram KL is defined for 2-D points; got samples of shape {tuple(samples.shape)}.")
+    width = 2 * extent / bins
+    inside = (x.abs() < extent).all(1)
+    idx = ((x[inside] + extent) / width).long().clamp(0, bins - 1)
+    counts = torch.zeros(bins, bins, dtype=F64).index_put_((idx[:, 0], idx[:, 1]), torch.ones(len(idx), dtype=F64),
+                                                          accumulate=True)
+    rho_hat = counts / (len(x) * width * width)
+    centres = -extent + width * (torch.arange(bins, dtype=F64) + 0.5)
+    grid = torch.stack(torch.meshgrid(centres, centres, indexing="ij"), dim=-1).reshape(-1, 2)
+    rho = log_density(grid).exp().reshape(bins, bins)
+    terms = torch.where(rho > 0, rho * (rho.log() - rho_hat.log()), torch.zeros_like(rho))
+    return float(terms.sum() * width * width)
+
+
+def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}), computed as pytorch-fid does (scipy sqrtm, with
+    an offset on the diagonals if the product is singular), the formula behind FID."""
+    import numpy as np
+    from scipy import linalg
+
+    mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
+    s1, s2 = np.asarray(sigma1, dtype=np.float64), np.asarray(sigma2, dtype=np.float64)
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(s1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))

@@ -1,0 +1,58 @@
+"""`fmm sample`: N-step samples of a trained flow map, written as an array another tool can score.
+
+The noise is an input (a .npy file) or drawn from a seed, so the same noise always gives the same
+samples. Checkpoints are flow-map files (final.pt / best.pt, EMA weights), given as a local path,
+an s3:// URI or runs:/<mlflow run id>[/artifact path].
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from fmm import storage
+from fmm.checkpoint import load_flow_map
+from fmm.sampling import flow_map_sample
+from fmm.teachers import fetch_checkpoint
+
+
+def base_scale(path: str) -> float:
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    return float(((payload.get("config") or {}).get("interpolant") or {}).get("sigma0", 1.0))
+
+
+def sample(checkpoint: str, steps: int, *, noise_path: str | None = None, samples: int = 1000, seed: int = 0,
+           tracking_uri: str | None = None, device: str = "cpu") -> np.ndarray:
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"--steps must be a positive integer; got {steps!r}.")
+    local = fetch_checkpoint(checkpoint, tracking_uri)
+    model = load_flow_map(local).to(device).eval()
+    if noise_path is not None:
+        noise = torch.from_numpy(np.load(noise_path)).float()
+        if tuple(noise.shape[1:]) != tuple(model.sample_shape):
+            raise ValueError(f"noise in {noise_path!r} has samples of shape {list(noise.shape[1:])}, but the model "
+                             f"takes {list(model.sample_shape)}.")
+    else:
+        g = torch.Generator().manual_seed(seed)
+        noise = base_scale(local) * torch.randn((samples, *model.sample_shape), generator=g)
+    with torch.no_grad():
+        out = flow_map_sample(model, noise.to(device), steps=steps).samples
+    return out.cpu().numpy()
+
+
+def write(array: np.ndarray, out: str) -> None:
+    buffer = io.BytesIO()
+    if out.endswith(".npy"):
+        np.save(buffer, array)
+    elif out.endswith(".parquet"):
+        flat = array.reshape(len(array), -1)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+        table = pa.table({"x": column}).replace_schema_metadata({"fmm.shape": str(list(array.shape[1:]))})
+        pq.write_table(table, buffer)
+    else:
+        raise ValueError(f"--out must end in .npy or .parquet; got {out!r}.")
+    storage.write_bytes(out, buffer.getvalue())
