@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fmm.groundtruth import BoxMixture
-from fmm.metrics import energy_distance, exact_w2, frechet_distance, gaussian_w2, histogram_kl, mmd_rbf, \
-    sliced_wasserstein
+from fmm.fid import frechet as frechet_distance
+from fmm.metrics import energy_distance, exact_w2, gaussian_w2, histogram_kl, mmd_rbf, sliced_wasserstein
 
 F64 = torch.float64
 

