@@ -90,6 +90,16 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from fmm.evaluate import evaluate, format_report, parse_steps
+
+    wanted = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
+    report = evaluate(args.run, parse_steps(args.steps), samples=args.samples, seed=args.seed, metrics_wanted=wanted,
+                      teacher_max_nfe=args.teacher_max_nfe, log_mlflow=not args.no_mlflow)
+    print(format_report(report))
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -132,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     train.add_argument("--resume", metavar="RUN", help="continue the run at RUN (<storage.path>/<name>)")
     train.set_defaults(func=_train)
+
+    ev = sub.add_parser("evaluate", help="quality per number of steps against the teacher's solvers, into MLflow")
+    ev.add_argument("run", help="run folder or URI (<storage.path>/<name>), a final.pt, or runs:/<mlflow run id>")
+    ev.add_argument("--steps", default="1,2,4,8,16", help="flow-map step counts (default 1,2,4,8,16)")
+    ev.add_argument("--samples", type=_positive_int, default=4000)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--metrics", help="comma-separated: sw2,energy,mmd,w2_exact,histogram_kl,rmse_vs_ode or fid")
+    ev.add_argument("--teacher-max-nfe", type=_positive_int, default=256)
+    ev.add_argument("--no-mlflow", action="store_true", help="print only; do not log into the run")
+    ev.set_defaults(func=_evaluate)
 
     smp = sub.add_parser("sample", help="write N-step samples of a flow map to .npy or .parquet")
     smp.add_argument("checkpoint", help="flow-map file: path, s3:// URI or runs:/<mlflow run id>")

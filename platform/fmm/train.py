@@ -178,6 +178,12 @@ def export_flow_map(state_path: str, out_path: str) -> None:
 
 # -- the per-worker loop -------------------------------------------------------------------------
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """The configured decay, warmed up as (1 + step) / (10 + step) so that the average forgets the
+    untrained initial weights early (with a fixed 0.995, 22% of them would remain after 300 steps)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 def _update_ema(ema, model, decay: float) -> None:
     with torch.no_grad():
         for pe, p in zip(ema.parameters(), model.parameters()):
@@ -273,7 +279,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         logs = train_step(model, objective, optimiser, batch, teacher=teacher, step=state.step,
                           grad_clip=exp.optim.grad_clip, bf16=autocast)
         scheduler.step()
-        _update_ema(state.ema, model, exp.train.ema_decay)
+        _update_ema(state.ema, model, ema_decay_at(exp.train.ema_decay, state.step))
         state.step += 1
         loss = float(logs["loss"])
         if not math.isfinite(loss):

@@ -1,0 +1,84 @@
+"""`fmm evaluate`: the protocol on exact ground truth, bad input, and a trained run's MLflow record."""
+
+import copy
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from fmm.evaluate import Scorer, evaluate, parse_steps, speedup, Row
+from fmm.groundtruth import ExactVelocity, make_target, reference_flow_map
+from fmm.interpolants import Interpolant
+from fmm.sampling import solve_ode
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("text", ["0,1,2", "1,-2", "1,2.5", "a"])
+def test_bad_step_lists_are_refused(text):
+    with pytest.raises(ValueError, match="--steps takes positive integers"):
+        parse_steps(text)
+
+
+def test_metrics_that_do_not_apply_are_refused():
+    with pytest.raises(ValueError, match=r"metric\(s\) \['fid'\] do not apply to 2-D vectors"):
+        Scorer((2,), torch.zeros(10, 2), wanted=["fid"])
+
+
+@pytest.fixture(scope="module")
+def flower_protocol():
+    interp = Interpolant("linear")
+    target = make_target("flower")
+    teacher = ExactVelocity(target, interp)
+    noise = torch.randn(1500, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    reference = target.sample(1500, torch.Generator().manual_seed(1))
+    ref_map = reference_flow_map(teacher, 0.0, 1.0, noise)
+    return teacher, noise, Scorer((2,), reference, ref_map), target
+
+
+def test_the_reference_map_scores_zero_error_and_exact_sample_quality(flower_protocol):
+    teacher, noise, scorer, target = flower_protocol
+    scores = scorer(scorer.reference_map)
+    assert scores["rmse_vs_ode"] < 1e-12
+    # Exact draws of the same size spread the sampling floor; the transported noise must sit inside it.
+    floors = [scorer(target.sample(1500, torch.Generator().manual_seed(2 + k))) for k in range(5)]
+    for key in ("sw2", "energy", "mmd"):
+        assert scores[key] <= 1.25 * max(f[key] for f in floors), (key, scores[key], [f[key] for f in floors])
+
+
+def test_euler_on_the_exact_velocity_improves_monotonically_with_steps(flower_protocol):
+    teacher, noise, scorer, _ = flower_protocol
+    scores = [scorer(solve_ode(teacher, noise, "euler", steps=n).samples) for n in (1, 2, 4, 8, 16, 32)]
+    for key in ("sw2", "energy", "rmse_vs_ode"):
+        values = [s[key] for s in scores]
+        assert all(a > b for a, b in zip(values, values[1:])), (key, values)
+
+
+def test_speedup_finds_the_first_nfe_within_ten_percent():
+    rows = [Row("euler", n, n, 0.001 * n, {"sw2": v}) for n, v in ((1, 3.0), (2, 1.0), (4, 0.5), (8, 0.2), (16, 0.1))]
+    rows += [Row("rk4-le", k, n, 0.001 * n, {"sw2": v}) for k, n, v in ((1, 1, 3.0), (2, 5, 0.105), (4, 13, 0.1))]
+    rows += [Row("flow_map", n, n, 0.002 * n, {"sw2": v}) for n, v in ((1, 0.12), (2, 0.108), (4, 0.105))]
+    out = speedup(rows, "sw2")
+    assert out["rk4-le"]["nfe"] == 5 and out["euler"]["nfe"] == 16 and out["flow_map"]["nfe"] == 2
+    assert out["summary"]["teacher_solver"] == "rk4-le" and out["summary"]["nfe_ratio"] == 2.5
+
+
+def test_evaluating_a_trained_run_logs_the_curve_figure_and_table(ray_cluster, tmp_path):
+    from fmm.experiment import load_experiment
+    from fmm.train import run_training
+
+    from test_train import BASE
+
+    raw = copy.deepcopy(BASE)
+    raw.update(name="evaluated", storage={"path": str(tmp_path / "runs")},
+               tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tests"})
+    result = run_training(load_experiment(raw=raw), log=lambda *_: None)
+    report = evaluate(result.run_dir, [1, 2, 4, 8], samples=400, teacher_max_nfe=8, log=lambda *_: None)
+    assert {r.steps for r in report.rows if r.method == "flow_map"} == {1, 2, 4, 8}
+    client = MlflowClient(result.tracking_uri)
+    history = client.get_metric_history(result.mlflow_run_id, "sw2")
+    assert sorted(m.step for m in history) == [1, 2, 4, 8]
+    assert len(client.get_metric_history(result.mlflow_run_id, "teacher/rk4-le/sw2")) >= 1
+    assert "seconds_per_sample" in client.get_run(result.mlflow_run_id).data.metrics
+    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "evaluation")}
+    assert artifacts == {"evaluation/evaluation.csv", "evaluation/evaluation.json", "evaluation/sw2_vs_steps.png"}
