@@ -82,3 +82,17 @@ def test_evaluating_a_trained_run_logs_the_curve_figure_and_table(ray_cluster, t
     assert "seconds_per_sample" in client.get_run(result.mlflow_run_id).data.metrics
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "evaluation")}
     assert artifacts == {"evaluation/evaluation.csv", "evaluation/evaluation.json", "evaluation/sw2_vs_steps.png"}
+
+
+def test_image_scorer_uses_the_classifier_distance_and_refuses_vector_metrics(tmp_path):
+    from fmm.data import prepare, read_labels, read_part
+
+    prepare("digits", str(tmp_path / "digits"), shards=1)
+    x, y = read_part(str(tmp_path / "digits")), read_labels(str(tmp_path / "digits"))
+    images = x[0]
+    scorer = Scorer((1, 8, 8), images[:500], wanted=["fd_classifier"], labelled=(images, y, "digits-test"))
+    real = scorer(images[500:1000])["fd_classifier"]
+    noise = scorer(torch.rand(500, 1, 8, 8) * 2 - 1)["fd_classifier"]
+    assert 0 < real < noise / 5
+    with pytest.raises(ValueError, match=r"metric\(s\) \['sw2'\] do not apply to images"):
+        Scorer((1, 8, 8), images[:10], wanted=["sw2"])

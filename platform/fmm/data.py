@@ -153,12 +153,10 @@ def read_manifest(uri: str) -> dict:
                          f"'fmm data prepare DATASET --out {uri}'.") from None
 
 
-def read_part(uri: str, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, dict]:
-    """This worker's part of the shards, decoded to float32 model space ([-1, 1] for images).
-
-    Shards are dealt round-robin to workers; with fewer shards than workers every worker reads all
-    of them and keeps every world-th row, so no two workers hold the same sample.
-    """
+def _read_rows(uri: str, column: str, rank: int, world: int) -> tuple[np.ndarray, dict]:
+    """One column of this worker's rows. Shards are dealt round-robin to workers; with fewer shards
+    than workers every worker reads all of them and keeps every world-th row, so no two workers
+    hold the same sample."""
     manifest = read_manifest(uri)
     files = [f["file"] for f in manifest["files"]]
     by_shard = len(files) >= world
@@ -167,11 +165,27 @@ def read_part(uri: str, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, di
     arrays = []
     for file in mine:
         with fs.open_input_file(f"{base.rstrip('/')}/{file}") as f:
-            column = pq.read_table(f, columns=["x"]).column("x").combine_chunks()
-        arrays.append(column.values.to_numpy(zero_copy_only=False).reshape(len(column), -1))
-    flat = np.concatenate(arrays) if arrays else np.zeros((0, int(np.prod(manifest["shape"]))))
-    if not by_shard:
-        flat = flat[rank::world]
+            table = pq.read_table(f)
+        if column not in table.column_names:
+            raise ValueError(f"the dataset at {uri!r} has no {column!r} column.")
+        values = table.column(column).combine_chunks()
+        if column == "x":
+            values = values.values.to_numpy(zero_copy_only=False).reshape(len(table), -1)
+        else:
+            values = values.to_numpy(zero_copy_only=False)
+        arrays.append(values)
+    rows = np.concatenate(arrays)
+    return (rows if by_shard else rows[rank::world]), manifest
+
+
+def read_part(uri: str, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, dict]:
+    """This worker's part of the shards, decoded to float32 model space ([-1, 1] for images)."""
+    flat, manifest = _read_rows(uri, "x", rank, world)
     x = torch.from_numpy(np.ascontiguousarray(flat)).reshape(-1, *manifest["shape"])
     x = x.float() / 127.5 - 1 if manifest["encoding"] == "uint8_image" else x.float()
     return x, manifest
+
+
+def read_labels(uri: str, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """The labels of the same rows as read_part."""
+    return torch.from_numpy(np.ascontiguousarray(_read_rows(uri, "label", rank, world)[0])).long()

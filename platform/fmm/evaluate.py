@@ -29,7 +29,7 @@ from fmm import metrics, storage
 from fmm.sampling import flow_map_sample, solve_ode
 
 VECTOR_METRICS = ("sw2", "energy", "mmd", "w2_exact", "histogram_kl", "rmse_vs_ode")
-IMAGE_METRICS = ("fid",)
+IMAGE_METRICS = ("fid", "fd_classifier")
 
 
 def parse_steps(text: str) -> list[int]:
@@ -67,7 +67,8 @@ class Report:
 class Scorer:
     """Scores samples against the reference set (and the reference map for the same noise, if any)."""
 
-    def __init__(self, shape, reference, reference_map=None, log_density=None, extent=None, wanted=None):
+    def __init__(self, shape, reference, reference_map=None, log_density=None, extent=None, wanted=None,
+                 labelled=None):
         self.is_image = len(shape) == 3
         allowed = IMAGE_METRICS if self.is_image else VECTOR_METRICS
         wanted = list(wanted or (("fid",) if self.is_image else ("sw2", "energy", "mmd", "w2_exact")))
@@ -82,19 +83,30 @@ class Scorer:
                 wanted.append("histogram_kl")
         self.wanted, self.reference, self.reference_map = wanted, reference, reference_map
         self.log_density, self.extent = log_density, extent
-        self.primary = "fid" if self.is_image else "sw2"
-        if self.is_image:
+        self.primary = wanted[0] if self.is_image else "sw2"
+        if "fid" in wanted:
             from fmm import fid
 
-            self.extractor = fid.InceptionFeatures()
+            self.extractor = fid.InceptionFeatures(device="cuda" if torch.cuda.is_available() else "cpu")
             self.reference_features = self.extractor(reference, progress=True)
+        if "fd_classifier" in wanted:
+            if labelled is None:
+                raise ValueError("fd_classifier needs a labelled image dataset (Parquet shards with a label column).")
+            from fmm.classifier_features import ClassifierFeatures
+
+            self.classifier = ClassifierFeatures(*labelled)
 
     def __call__(self, x: torch.Tensor) -> dict[str, float]:
         x = x.detach().double().cpu()
         if self.is_image:
-            from fmm import fid
+            out = {}
+            if "fid" in self.wanted:
+                from fmm import fid
 
-            return {"fid": fid.fid(self.extractor(x.float(), progress=True), self.reference_features)}
+                out["fid"] = fid.fid(self.extractor(x.float(), progress=True), self.reference_features)
+            if "fd_classifier" in self.wanted:
+                out["fd_classifier"] = self.classifier.distance(x.float(), self.reference.float())
+            return out
         out = {}
         for name in self.wanted:
             if name == "sw2":
@@ -312,7 +324,16 @@ def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 
                              f"{exp.data.path!r} has {manifest['shape']}.")
         reference = data[torch.randperm(len(data), generator=g)[:samples]]
         teacher = ModelVelocity(model)
-    scorer = Scorer(shape, reference, reference_map, log_density, extent, metrics_wanted)
+        labelled = None
+        if len(shape) == 3:
+            from fmm.data import read_labels
+
+            try:
+                labelled = (data, read_labels(exp.data.path), manifest.get("dataset", "images"))
+            except ValueError:
+                labelled = None
+    scorer = Scorer(shape, reference, reference_map, log_density, extent, metrics_wanted,
+                    labelled if exp.data.target is None else None)
     report = run_protocol(model, teacher, noise, steps, scorer, teacher_max_nfe, log)
     if log_mlflow and tracked is not None:
         log_report(report, *tracked)
