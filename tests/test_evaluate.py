@@ -81,7 +81,8 @@ def test_evaluating_a_trained_run_logs_the_curve_figure_and_table(ray_cluster, t
     assert len(client.get_metric_history(result.mlflow_run_id, "teacher/rk4-le/sw2")) >= 1
     assert "seconds_per_sample" in client.get_run(result.mlflow_run_id).data.metrics
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "evaluation")}
-    assert artifacts == {"evaluation/evaluation.csv", "evaluation/evaluation.json", "evaluation/sw2_vs_steps.png"}
+    assert artifacts == {"evaluation/evaluation.csv", "evaluation/evaluation.json", "evaluation/sw2_vs_steps.png",
+                         "evaluation/samples.png"}
 
 
 def test_image_scorer_uses_the_classifier_distance_and_refuses_vector_metrics(tmp_path):

@@ -115,7 +115,7 @@ def test_a_failed_worker_resumes_from_the_last_checkpoint_and_finishes(ray_clust
 
 
 def test_mlflow_run_holds_params_metrics_artifacts_and_tags_and_serves_as_teacher(ray_cluster, tmp_path):
-    exp = experiment(tmp_path, name="tracked")
+    exp = experiment(tmp_path, name="tracked", train__eval_every=30, train__eval_samples=300)
     result = run_training(exp, log=lambda *_: None)
     client = MlflowClient(result.tracking_uri)
     run = client.get_run(result.mlflow_run_id)
@@ -123,6 +123,9 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_tags_and_serves_as_teache
     assert run.data.params["network.width"] == "64"
     for key in ("train/loss", "train/lr", "train/samples_per_s", "train/grad_norm"):
         assert key in run.data.metrics
+    periodic = client.get_metric_history(run.info.run_id, "eval/sw2_steps001")
+    assert [m.step for m in periodic] == [30, 60], [(m.step, m.value) for m in periodic]
+    assert periodic[-1].value < 1.0, [(m.step, m.value) for m in periodic]  # the identity map scores 3.6
     tags = run.data.tags
     assert tags["objective"] == "lmd" and tags["schedule"] == "linear" and tags["dataset"] == "flower"
     assert tags["ray_run"] == "tracked" and tags["ray_checkpoint"].endswith("step_00000060") and tags["git_commit"]

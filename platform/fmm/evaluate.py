@@ -222,9 +222,10 @@ def quality_figure(report: Report):
     return fig
 
 
-def log_report(report: Report, tracking_uri: str, run_id: str) -> None:
+def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps: list[int] | None = None) -> None:
     """The primary metric at step = NFE (MLflow's chart is then the quality-vs-steps curve), the other
-    metrics, NFE and wall-clock per sample alongside, teacher curves, the figure and the table."""
+    metrics, NFE and wall-clock per sample alongside, teacher curves, the figure, the table and the
+    samples at each step count."""
     import matplotlib.pyplot as plt
 
     from fmm.tracking import RunLogger
@@ -248,6 +249,14 @@ def log_report(report: Report, tracking_uri: str, run_id: str) -> None:
     fig = quality_figure(report)
     logger.log_figure(fig, f"evaluation/{report.primary}_vs_steps.png")
     plt.close(fig)
+    if model is not None and steps:
+        from fmm.train import _sample_figure
+
+        shape = tuple(model.sample_shape)
+        if len(shape) == 3 or shape == (2,):
+            fig = _sample_figure(model, shape, steps, next(model.parameters()).device, seed=0)
+            logger.log_figure(fig, "evaluation/samples.png")
+            plt.close(fig)
     with tempfile.TemporaryDirectory() as folder:
         table = os.path.join(folder, "evaluation.json")
         with open(table, "w") as f:
@@ -336,7 +345,7 @@ def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 
                     labelled if exp.data.target is None else None)
     report = run_protocol(model, teacher, noise, steps, scorer, teacher_max_nfe, log)
     if log_mlflow and tracked is not None:
-        log_report(report, *tracked)
+        log_report(report, *tracked, model=model, steps=steps)
     return report
 
 

@@ -67,6 +67,9 @@ class TrainConfig(StrictModel):
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
     sample_steps: list[int] = [1, 2, 4]
+    eval_every: int | None = Field(None, ge=1)      # periodic evaluation of the EMA map (rank 0)
+    eval_steps: list[int] = [1, 2, 4]
+    eval_samples: int = Field(2000, ge=10)
     fail_at_step: int | None = Field(None, ge=1)  # testing aid: raise once at this step to exercise recovery
 
 

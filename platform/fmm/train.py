@@ -220,6 +220,43 @@ def _sample_figure(ema, shape, steps: list[int], device, seed: int):
     return fig
 
 
+class PeriodicEvaluation:
+    """The primary quality metric of the EMA map at a few step counts, every `eval_every` training
+    steps (rank 0 only): sliced W2 for vectors, the classifier-feature distance for labelled images."""
+
+    def __init__(self, exp: ExperimentConfig, interpolant, shape: tuple[int, ...], device):
+        from fmm.evaluate import Scorer
+
+        n = exp.train.eval_samples
+        g = torch.Generator().manual_seed(exp.train.seed + 7)
+        self.noise = (interpolant.sigma0 * torch.randn((n, *shape), generator=g)).to(device)
+        self.steps = exp.train.eval_steps
+        if exp.data.target is not None:
+            from fmm.groundtruth import make_target
+
+            self.scorer = Scorer(shape, make_target(exp.data.target).sample(n, g), wanted=["sw2"])
+        else:
+            from fmm.data import read_labels, read_part
+
+            data, manifest = read_part(exp.data.path)
+            reference = data[torch.randperm(len(data), generator=g)[:n]]
+            if len(shape) == 3:
+                labelled = (data, read_labels(exp.data.path), manifest.get("dataset", "images"))
+                self.scorer = Scorer(shape, reference, wanted=["fd_classifier"], labelled=labelled)
+            else:
+                self.scorer = Scorer(shape, reference, wanted=["sw2"])
+
+    def __call__(self, ema) -> dict[str, float]:
+        from fmm.sampling import flow_map_sample
+
+        out = {}
+        with torch.no_grad():
+            for k in self.steps:
+                scores = self.scorer(flow_map_sample(ema, self.noise, steps=k).samples)
+                out.update({f"eval/{name}_steps{k:03d}": value for name, value in scores.items()})
+        return out
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
@@ -265,6 +302,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"])
         local_dir = tempfile.mkdtemp(prefix="fmm-")  # on this worker's node: the best EMA map until the end
     autocast = exp.train.precision == "bf16" and device.type == "cuda"
+    periodic = None
+    if rank == 0 and exp.train.eval_every:
+        periodic = PeriodicEvaluation(exp, interpolant, tuple(model.sample_shape), device)
     best = {"loss": math.inf}
     window: list[float] = []
     last_time, last_step = time.perf_counter(), state.step
@@ -300,6 +340,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 logger.log_metrics(metrics, state.step)
                 print(f"[fmm] step {state.step:6d}  loss {metrics['train/loss']:.4f}  "
                       f"lr {metrics['train/lr']:.2e}  {rate:,.0f} samples/s", flush=True)
+
+        if periodic is not None and state.step % exp.train.eval_every == 0:
+            logger.log_metrics(periodic(state.ema), state.step)
 
         if state.step % exp.train.checkpoint_every == 0 or state.step == exp.train.steps:
             report = {"step": state.step, "loss": loss}
