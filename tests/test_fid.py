@@ -58,6 +58,9 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(tmp_path):
     noise = torch.randn(images.shape, generator=g)
     scores = [fid.fid(clean, extractor((images + s * noise).clamp(-1, 1))) for s in (0.1, 0.3, 0.8)]
     assert 0 < scores[0] < scores[1] < scores[2], scores
+    noisy = extractor((images + 0.3 * noise).clamp(-1, 1))
+    theirs = pytorch_fid_formula(*fid.statistics(clean), *fid.statistics(noisy))
+    assert fid.fid(clean, noisy) == pytest.approx(theirs, abs=1e-6 * max(1.0, abs(theirs)))
     mu, sigma = fid.reference_statistics(extractor, images, "digits-train", cache_dir=str(tmp_path))
     cached = list(tmp_path.glob("digits-train-n32-*.npz"))
     assert len(cached) == 1 and extractor.sha256[:16] in cached[0].name

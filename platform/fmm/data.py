@@ -145,12 +145,9 @@ def prepare(name: str, out_uri: str, *, source: str | None = None, shards: int =
 
 
 def read_manifest(uri: str) -> dict:
-    path = storage.join(uri, MANIFEST)
-    try:
-        return json.loads(storage.read_bytes(path))
-    except ValueError:
-        raise ValueError(f"no prepared dataset at {uri!r} (missing {MANIFEST}): write one with "
-                         f"'fmm data prepare DATASET --out {uri}'.") from None
+    return storage.read_json(storage.join(uri, MANIFEST),
+                             f"no prepared dataset at {uri!r} (missing {MANIFEST}): write one with "
+                             f"'fmm data prepare DATASET --out {uri}'.")
 
 
 def _read_rows(uri: str, column: str, rank: int, world: int) -> tuple[np.ndarray, dict]:

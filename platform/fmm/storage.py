@@ -52,6 +52,17 @@ def read_bytes(uri: str) -> bytes:
         return stream.read()
 
 
+def read_json(uri: str, missing: str):
+    """The JSON document at `uri`; `missing` is the error message when there is no file there."""
+    import json
+
+    try:
+        data = read_bytes(uri)
+    except ValueError:
+        raise ValueError(missing) from None
+    return json.loads(data)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object: to a temporary name then moved into place locally; one PUT on S3."""
     fs, path = filesystem(uri)

@@ -416,12 +416,9 @@ def git_commit() -> str:
 
 
 def read_record(run_dir: str) -> dict[str, Any]:
-    path = storage.join(run_dir, RUN_RECORD)
-    try:
-        return json.loads(storage.read_bytes(path))
-    except ValueError:
-        raise ValueError(f"no fmm run at {run_dir!r} (missing {RUN_RECORD}): give the run's folder or URI, "
-                         f"<storage.path>/<name>.") from None
+    return storage.read_json(storage.join(run_dir, RUN_RECORD),
+                             f"no fmm run at {run_dir!r} (missing {RUN_RECORD}): give the run's folder or URI, "
+                             f"<storage.path>/<name>.")
 
 
 def run_training(exp: ExperimentConfig, *, address: str | None = None, resume: bool = False,
