@@ -59,8 +59,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--train-steps", type=int, default=1500)
     parser.add_argument("--fid-images", type=int, default=64)
+    parser.add_argument("--targets", default="flower,checkerboard")
     args = parser.parse_args()
-    for name in ("flower", "checkerboard"):
+    for name in args.targets.split(","):
         model, teacher = distil(name, args.train_steps)
         noise = torch.randn(args.samples, 2, generator=torch.Generator().manual_seed(0))
         reference = teacher.target.sample(args.samples, torch.Generator().manual_seed(1))
@@ -68,7 +69,7 @@ def main() -> None:
         scorer = Scorer((2,), reference, ref_map, wanted=["sw2", "energy"])
         report = run_protocol(model, teacher, noise, [1, 2, 4], scorer, teacher_max_nfe=256, log=lambda *_: None)
         print(f"\n{name}: LMD flow map ({args.train_steps} steps), {args.samples} samples, primary metric sliced W2")
-        print(format_report(report))
+        print(format_report(report), flush=True)
     fid_throughput(args.fid_images)
 
 
