@@ -250,11 +250,11 @@ def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps
     logger.log_figure(fig, f"evaluation/{report.primary}_vs_steps.png")
     plt.close(fig)
     if model is not None and steps:
-        from fmm.train import _sample_figure
+        from fmm.train import sample_figure
 
         shape = tuple(model.sample_shape)
         if len(shape) == 3 or shape == (2,):
-            fig = _sample_figure(model, shape, steps, next(model.parameters()).device, seed=0)
+            fig = sample_figure(model, shape, steps, next(model.parameters()).device, seed=0)
             logger.log_figure(fig, "evaluation/samples.png")
             plt.close(fig)
     with tempfile.TemporaryDirectory() as folder:

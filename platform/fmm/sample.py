@@ -21,6 +21,7 @@ from fmm.teachers import fetch_checkpoint
 
 
 def base_scale(path: str) -> float:
+    """sigma0 of the run that wrote the checkpoint (1 when it records no experiment)."""
     payload = torch.load(path, map_location="cpu", weights_only=False)
     return float(((payload.get("config") or {}).get("interpolant") or {}).get("sigma0", 1.0))
 

@@ -83,10 +83,6 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client(uri).set_terminated(run_id, status=status)
 
 
-def run_status(uri: str, run_id: str) -> str:
-    return client(uri).get_run(run_id).info.status
-
-
 def download_artifact(uri: str, run_id: str, path: str, dst: str) -> str:
     return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst, tracking_uri=uri)
 

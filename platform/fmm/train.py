@@ -192,7 +192,7 @@ def _update_ema(ema, model, decay: float) -> None:
             be.copy_(b)
 
 
-def _sample_figure(ema, shape, steps: list[int], device, seed: int):
+def sample_figure(ema, shape, steps: list[int], device, seed: int):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -388,7 +388,7 @@ def finish_run(state: State, exp: ExperimentConfig, logger, best: dict, device, 
         return
     import matplotlib.pyplot as plt
 
-    fig = _sample_figure(state.ema, shape, exp.train.sample_steps, device, exp.train.seed)
+    fig = sample_figure(state.ema, shape, exp.train.sample_steps, device, exp.train.seed)
     logger.log_figure(fig, f"samples/step_{state.step:08d}.png")
     plt.close(fig)
     logger.flush()
