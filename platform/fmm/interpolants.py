@@ -204,6 +204,29 @@ class Interpolant:
         dc = 2 * k.alpha * k.dalpha * s2 + self.latent_noise * (1 - 2 * t)
         return c, dc
 
+    def noise_to_signal(self, t: Tensor) -> Tensor:
+        """sigma(t) = sqrt(c_t) / beta_t, the noise-to-signal ratio of I_t: EDM's sigma for the linear
+        interpolant ((1 - t) / t when sigma0 = 1). It decreases from sigma(0) (infinite when beta_0 = 0)
+        to 0 at t = 1, which is what consistency grids and gamma-sampling are laid out in."""
+        c, _ = self.noise_variance(t)
+        return torch.sqrt(c) / self.coefficients(t).beta
+
+    def time_at_noise_to_signal(self, sigma: Tensor) -> Tensor:
+        """The time t with sigma(t) = sigma, by bisection on [0, 1] (float64, to ~1e-15).
+
+        sigma must lie in [0, sigma(0)]; beyond that no time has so much noise, a ValueError."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        top = float(self.noise_to_signal(torch.zeros(1, dtype=torch.float64)))
+        if bool((sigma < 0).any()) or bool((sigma > top).any()):
+            raise ValueError(f"noise-to-signal ratios {sigma.tolist()} are outside this interpolant's range "
+                             f"[0, {top:.4g}] ({self!r}).")
+        lo, hi = torch.zeros_like(sigma), torch.ones_like(sigma)
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            above = self.noise_to_signal(mid) > sigma
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        return 0.5 * (lo + hi)
+
     def base_sample(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
                     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
         """x0 ~ N(0, sigma0^2 I)."""

@@ -140,3 +140,74 @@ def flow_map_sample(flow_map: Callable[[Tensor, Tensor, Tensor], Tensor], x: Ten
         s_vec = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
         x = flow_map(s_vec, torch.full_like(s_vec, t_next), x)
     return Solution(x, len(times) - 1)
+
+
+def gamma_sample(flow_map: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, interpolant, *,
+                 gamma: float, steps: int | None = None, grid: Sequence[float] | Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Solution:
+    """CTM's gamma-sampling (Kim et al. 2023, Alg. 1 with its gamma) in interpolant time, which for
+    gamma = 1 is the consistency models' multistep sampler (Song et al. 2023, Alg. 1).
+
+    On the grid t_0 < ... < t_N, each step jumps with the map from t_k to the time u whose noise-to-
+    signal ratio is sqrt(1 - gamma^2) sigma(t_{k+1}), then rescales and adds fresh noise:
+
+        x <- (beta(t_{k+1}) / beta(u)) X_{t_k,u}(x) + gamma sqrt(c(t_{k+1})) eps,
+
+    so the noise level of x is again that of I_{t_{k+1}}. gamma = 0 is the deterministic flow-map
+    sampler; gamma = 1 denoises to the data end (u = 1) and re-noises, as consistency models do.
+    The last step lands on the grid's end with no noise added. One NFE per step; the fresh noise
+    comes from `generator`, so a fixed generator seed makes the samples a function of x.
+    """
+    if not (isinstance(gamma, (int, float)) and 0.0 <= gamma <= 1.0):
+        raise ValueError(f"gamma (the re-noising fraction) must be a number in [0, 1]; got {gamma!r}.")
+    times = time_grid(steps, grid)
+    if times[-1] <= times[0]:
+        raise ValueError("gamma-sampling runs from noise to data: the grid must increase.")
+    n = x.shape[0]
+    for k, (t, t_next) in enumerate(zip(times, times[1:])):
+        last = k == len(times) - 2
+        t_next64 = torch.tensor([t_next], dtype=torch.float64)
+        if last or gamma == 0.0:
+            u = t_next
+        else:
+            u = float(interpolant.time_at_noise_to_signal(
+                (1 - gamma**2) ** 0.5 * interpolant.noise_to_signal(t_next64)))
+        s_vec = torch.full((n,), t, dtype=x.dtype, device=x.device)
+        x = flow_map(s_vec, torch.full_like(s_vec, u), x)
+        if not last and gamma > 0.0:
+            beta_next = float(interpolant.coefficients(t_next64).beta)
+            beta_u = float(interpolant.coefficients(torch.tensor([u], dtype=torch.float64)).beta)
+            c_next = float(interpolant.noise_variance(t_next64)[0])
+            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+            x = (beta_next / beta_u) * x + gamma * c_next**0.5 * eps
+    return Solution(x, len(times) - 1)
+
+
+def consistency_sample(flow_map: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, interpolant, *,
+                       steps: int | None = None, grid: Sequence[float] | Tensor | None = None,
+                       generator: torch.Generator | None = None) -> Solution:
+    """Consistency models' multistep sampler: denoise with X_{t_k,1}, re-noise to t_{k+1} (gamma = 1)."""
+    return gamma_sample(flow_map, x, interpolant, gamma=1.0, steps=steps, grid=grid, generator=generator)
+
+
+SAMPLERS = ("flow_map", "consistency", "gamma")
+
+
+def make_sampler(kind: str, interpolant=None, *, gamma: float = 0.0, seed: int = 0):
+    """A sampler `(flow_map, noise, steps) -> Solution` by name: 'flow_map' (deterministic chain of
+    jumps), 'consistency' (denoise and re-noise) or 'gamma' (CTM's gamma-sampling). The stochastic
+    ones draw their fresh noise from a generator seeded with `seed` at every call, so each call is
+    a deterministic function of the noise."""
+    if kind not in SAMPLERS:
+        raise ValueError(f"unknown sampler {kind!r}; choose one of {list(SAMPLERS)}.")
+    if kind == "flow_map":
+        return lambda model, noise, steps: flow_map_sample(model, noise, steps=steps)
+    if interpolant is None:
+        raise ValueError(f"the {kind!r} sampler re-noises along the interpolant: pass the interpolant.")
+    g = 1.0 if kind == "consistency" else gamma
+
+    def run(model, noise, steps):
+        return gamma_sample(model, noise, interpolant, gamma=g, steps=steps,
+                            generator=torch.Generator().manual_seed(seed))
+
+    return run
