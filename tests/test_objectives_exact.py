@@ -32,6 +32,11 @@ DETERMINISTIC = {
     "emd_slope": {"name": "emd", "diagonal_fraction": 0.25, "gradient": "slope"},
     "lsd_slope": {"name": "lsd", "gradient": "slope"},
     "esd_slope": {"name": "esd", "gradient": "slope"},
+    # baselines whose target is exact at the true map (full tangent, no clipping, rounds past the first)
+    "scd": {"name": "scd", "warmup_steps": 0},
+    "ayf_emd": {"name": "ayf_emd", "warmup_steps": 0, "warmup_max": 1.0, "diagonal_fraction": 0.25},
+    "shortcut": {"name": "shortcut", "clip": None, "diagonal_fraction": 0.25},
+    "pd": {"name": "pd", "initial_steps": 16, "round_steps": 10},
 }
 
 
@@ -70,7 +75,7 @@ def test_deterministic_residuals_vanish_at_the_exact_map(key, interp_name):
     terms = terms_at(False, interp, spec)
     off = terms["offdiagonal"].residual
     assert off.abs().max().item() < 1e-10
-    if spec["name"] in ("lmd", "emd", "pfmm"):  # distillation: the diagonal regresses onto the teacher
+    if spec["name"] in ("lmd", "emd", "pfmm", "ayf_emd"):  # distillation: the diagonal regresses onto the teacher
         assert terms["diagonal"].residual.abs().max().item() < 1e-12
 
 
@@ -95,7 +100,7 @@ def test_two_map_invertibility_term_vanishes_and_its_flow_term_is_unbiased():
 
 @pytest.mark.parametrize("interp_name", ["linear", "trig", "latent"])
 @pytest.mark.parametrize("spec", [{"name": "flow_matching"}, {"name": "eulerian_direct"},
-                                  {"name": "eulerian_direct", "gradient": "slope"},
+                                  {"name": "eulerian_direct", "gradient": "slope"}, {"name": "meanflow"},
                                   {"name": "lsd", "diagonal_fraction": 1.0}])
 def test_noisy_target_residuals_vanish_in_the_batch_mean(spec, interp_name):
     """Residuals against dI_t have an irreducible variance: at the true map their mean is zero (within

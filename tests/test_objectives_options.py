@@ -11,14 +11,16 @@ from fmm.nets import TwoTimeMLP
 from fmm.objectives import OBJECTIVES, TimeSampling, describe, make_objective
 from fmm.teachers import make_teacher
 
-EXPECTED = {"flow_matching", "lmd", "emd", "pfmm", "two_map", "eulerian_direct", "lsd", "esd", "psd"}
+EXPECTED = {"flow_matching", "lmd", "emd", "pfmm", "two_map", "eulerian_direct", "lsd", "esd", "psd",
+            "cd", "ct", "ict", "scd", "sct", "ayf_emd", "ctm", "pd", "shortcut", "meanflow"}
 
 
 def test_every_objective_is_registered_with_paper_and_equation():
     assert set(OBJECTIVES) == EXPECTED
     for row in describe():
         assert row["paper"] and row["equation"] and row["teacher"] in ("yes", "no")
-    assert {r["name"] for r in describe() if r["teacher"] == "yes"} == {"lmd", "emd", "pfmm"}
+    assert {r["name"] for r in describe() if r["teacher"] == "yes"} == {"lmd", "emd", "pfmm", "cd", "scd",
+                                                                            "ayf_emd", "ctm", "pd"}
 
 
 def test_objectives_are_built_from_yaml_mappings():

@@ -84,7 +84,7 @@ def _sample(args: argparse.Namespace) -> int:
     from fmm.sample import sample, write
 
     array = sample(args.checkpoint, args.steps, noise_path=args.noise, samples=args.samples, seed=args.seed,
-                   device="cuda" if args.cuda else "cpu")
+                   device="cuda" if args.cuda else "cpu", sampler=args.sampler, gamma=args.gamma)
     write(array, args.out)
     print(f"wrote {len(array)} samples of shape {list(array.shape[1:])} ({args.steps} steps) to {args.out}")
     return 0
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--out", required=True, help="output .npy or .parquet (local or s3://)")
     smp.add_argument("--cuda", action="store_true", help="sample on the GPU")
+    smp.add_argument("--sampler", choices=["flow_map", "consistency", "gamma"],
+                     help="override the method's own sampler (consistency models: consistency; CTM: gamma)")
+    smp.add_argument("--gamma", type=float, default=0.0, help="re-noising fraction for --sampler gamma, in [0, 1]")
     smp.set_defaults(func=_sample)
 
     data = sub.add_parser("data", help="prepare datasets as Parquet shards")

@@ -24,9 +24,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from fmm import metrics, storage
-from fmm.sampling import flow_map_sample, solve_ode
+from fmm.sampling import make_sampler, solve_ode
 
 VECTOR_METRICS = ("sw2", "energy", "mmd", "w2_exact", "histogram_kl", "rmse_vs_ode")
 IMAGE_METRICS = ("fid", "fd_classifier")
@@ -58,6 +59,7 @@ class Report:
     samples: int
     rows: list[Row]
     speedup: dict[str, dict]
+    sampler: str = "flow_map"     # how the learned map was sampled (the method's authors' sampler)
 
     def table(self) -> list[dict]:
         return [{"method": r.method, "steps": r.steps, "nfe": r.nfe, "seconds_per_sample": r.seconds_per_sample,
@@ -149,24 +151,34 @@ def teacher_grid(max_nfe: int) -> list[tuple[str, dict, int]]:
 
 
 def run_protocol(model, teacher, noise: torch.Tensor, steps: list[int], scorer: Scorer,
-                 teacher_max_nfe: int = 256, log=print) -> Report:
+                 teacher_max_nfe: int = 256, log=print, progress: bool = True, sampler=None,
+                 sampler_kind: str = "flow_map") -> Report:
+    """The learned map at each step count (with `sampler(model, noise, steps)`, the flow-map chain by
+    default), then every teacher solver of `teacher_grid`, all from `noise`. Each run is one batched
+    solve over the whole noise set; a progress bar counts the runs."""
+    sampler = sampler or make_sampler("flow_map")
+    grid = teacher_grid(teacher_max_nfe) if teacher is not None else []
+    bar = tqdm(total=len(steps) + len(grid), desc="sampling", unit="run", disable=not progress)
     rows = []
-    with torch.no_grad():
+    with torch.no_grad(), bar:
         for n in steps:
-            out, secs = _timed(lambda: flow_map_sample(model, noise, steps=n))
+            out, secs = _timed(lambda: sampler(model, noise, n))
             rows.append(Row("flow_map", n, out.nfe, secs / len(noise), scorer(out.samples)))
-            log(f"[fmm] flow map, {n} step(s): " + ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].scores.items()))
-        if teacher is not None:
-            for name, kwargs, _ in teacher_grid(teacher_max_nfe):
-                kwargs = dict(kwargs)
-                method = kwargs.pop("method")
-                # An exact teacher computes in float64; a network teacher in the network's dtype.
-                start = noise.double() if hasattr(teacher, "target") else noise
-                out, secs = _timed(lambda: solve_ode(teacher, start, method, **kwargs))
-                steps_taken = kwargs.get("steps", out.nfe)
-                rows.append(Row(name, steps_taken, out.nfe, secs / len(noise), scorer(out.samples)))
-            log(f"[fmm] teacher: {len(rows) - len(steps)} solver runs")
-    return Report(scorer.primary, len(noise), rows, speedup(rows, scorer.primary))
+            bar.update()
+            log(f"[fmm] learned map ({sampler_kind} sampler), {n} step(s): " + ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].scores.items()))
+        for name, kwargs, _ in grid:
+            kwargs = dict(kwargs)
+            method = kwargs.pop("method")
+            # An exact teacher computes in float64; a network teacher in the network's dtype.
+            start = noise.double() if hasattr(teacher, "target") else noise
+            bar.set_postfix_str(name)
+            out, secs = _timed(lambda: solve_ode(teacher, start, method, **kwargs))
+            steps_taken = kwargs.get("steps", out.nfe)
+            rows.append(Row(name, steps_taken, out.nfe, secs / len(noise), scorer(out.samples)))
+            bar.update()
+        if grid:
+            log(f"[fmm] teacher: {len(grid)} solver runs")
+    return Report(scorer.primary, len(noise), rows, speedup(rows, scorer.primary), sampler_kind)
 
 
 def speedup(rows: list[Row], primary: str) -> dict[str, dict]:
@@ -222,7 +234,8 @@ def quality_figure(report: Report):
     return fig
 
 
-def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps: list[int] | None = None) -> None:
+def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps: list[int] | None = None,
+               sampler=None, sigma0: float = 1.0) -> None:
     """The primary metric at step = NFE (MLflow's chart is then the quality-vs-steps curve), the other
     metrics, NFE and wall-clock per sample alongside, teacher curves, the figure, the table and the
     samples at each step count."""
@@ -245,6 +258,7 @@ def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps
     if summary:
         logger.log_metrics({"speedup/nfe_ratio": summary["nfe_ratio"],
                             "speedup/wallclock_ratio": summary["wallclock_ratio"]}, step=0)
+    logger.set_tags({"eval_sampler": report.sampler})
     logger.flush()
     fig = quality_figure(report)
     logger.log_figure(fig, f"evaluation/{report.primary}_vs_steps.png")
@@ -254,7 +268,8 @@ def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps
 
         shape = tuple(model.sample_shape)
         if len(shape) == 3 or shape == (2,):
-            fig = sample_figure(model, shape, steps, next(model.parameters()).device, seed=0)
+            fig = sample_figure(model, shape, steps, next(model.parameters()).device, seed=0, sampler=sampler,
+                                sigma0=sigma0)
             logger.log_figure(fig, "evaluation/samples.png")
             plt.close(fig)
     with tempfile.TemporaryDirectory() as folder:
@@ -295,6 +310,7 @@ def load_run(source: str):
 def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 0, metrics_wanted=None,
              teacher_max_nfe: int = 256, log_mlflow: bool = True, log=print) -> Report:
     from fmm.groundtruth import BoxMixture, ExactVelocity, make_target, reference_flow_map
+    from fmm.objectives import sampler_for
     from fmm.teachers import ModelVelocity
     from fmm.train import build_interpolant
 
@@ -343,14 +359,17 @@ def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 
                 labelled = None
     scorer = Scorer(shape, reference, reference_map, log_density, extent, metrics_wanted,
                     labelled if exp.data.target is None else None)
-    report = run_protocol(model, teacher, noise, steps, scorer, teacher_max_nfe, log)
+    sampler, kind = sampler_for(exp.objective, interpolant, seed=seed + 2)
+    report = run_protocol(model, teacher, noise, steps, scorer, teacher_max_nfe, log, sampler=sampler,
+                          sampler_kind=kind)
     if log_mlflow and tracked is not None:
-        log_report(report, *tracked, model=model, steps=steps)
+        log_report(report, *tracked, model=model, steps=steps, sampler=sampler, sigma0=interpolant.sigma0)
     return report
 
 
 def format_report(report: Report) -> str:
-    lines = [f"{'method':12s} {'steps':>5s} {'NFE':>5s} {'ms/sample':>10s}  " + report.primary]
+    lines = [f"learned map sampled with the {report.sampler} sampler; teacher rows are ODE solvers",
+             f"{'method':12s} {'steps':>5s} {'NFE':>5s} {'ms/sample':>10s}  " + report.primary]
     for row in sorted(report.rows, key=lambda r: (r.method != "flow_map", r.method, r.nfe)):
         lines.append(f"{row.method:12s} {row.steps:5d} {row.nfe:5d} {1000 * row.seconds_per_sample:10.4f}  "
                      f"{row.scores[report.primary]:.4g}")

@@ -16,22 +16,42 @@ import torch
 
 from fmm import storage
 from fmm.checkpoint import load_flow_map
-from fmm.sampling import flow_map_sample
+from fmm.sampling import make_sampler
 from fmm.teachers import fetch_checkpoint
 
 
-def base_scale(path: str) -> float:
-    """sigma0 of the run that wrote the checkpoint (1 when it records no experiment)."""
+def method_sampler(path: str, kind: str | None, seed: int, gamma: float = 0.0):
+    """(sigma0, sampler) for the run that wrote the checkpoint: its method's own sampler unless `kind`
+    names one (flow_map, consistency, gamma); sigma0 = 1 and the flow-map chain when it records no
+    experiment."""
     payload = torch.load(path, map_location="cpu", weights_only=False)
-    return float(((payload.get("config") or {}).get("interpolant") or {}).get("sigma0", 1.0))
+    config = payload.get("config")
+    if not config:
+        if kind not in (None, "flow_map"):
+            raise ValueError(f"--sampler {kind!r} re-noises along the run's interpolant, but this checkpoint records "
+                             f"no experiment: use --sampler flow_map.")
+        return 1.0, make_sampler("flow_map")
+    from fmm.experiment import ExperimentConfig
+    from fmm.objectives import sampler_for
+    from fmm.train import build_interpolant
+
+    exp = ExperimentConfig(**config)
+    interpolant = build_interpolant(exp)
+    if kind is None:
+        return interpolant.sigma0, sampler_for(exp.objective, interpolant, seed)[0]
+    return interpolant.sigma0, make_sampler(kind, interpolant, gamma=gamma, seed=seed)
 
 
 def sample(checkpoint: str, steps: int, *, noise_path: str | None = None, samples: int = 1000, seed: int = 0,
-           tracking_uri: str | None = None, device: str = "cpu") -> np.ndarray:
+           tracking_uri: str | None = None, device: str = "cpu", sampler: str | None = None,
+           gamma: float = 0.0) -> np.ndarray:
+    """Samples of the checkpoint's map at `steps` steps, with its method's sampler (or `sampler`); the
+    stochastic samplers' fresh noise is drawn from `seed` + 2, so the output is a function of the noise."""
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"--steps must be a positive integer; got {steps!r}.")
     local = fetch_checkpoint(checkpoint, tracking_uri)
     model = load_flow_map(local).to(device).eval()
+    sigma0, run = method_sampler(local, sampler, seed + 2, gamma)
     if noise_path is not None:
         noise = torch.from_numpy(np.load(noise_path)).float()
         if tuple(noise.shape[1:]) != tuple(model.sample_shape):
@@ -39,9 +59,9 @@ def sample(checkpoint: str, steps: int, *, noise_path: str | None = None, sample
                              f"takes {list(model.sample_shape)}.")
     else:
         g = torch.Generator().manual_seed(seed)
-        noise = base_scale(local) * torch.randn((samples, *model.sample_shape), generator=g)
+        noise = sigma0 * torch.randn((samples, *model.sample_shape), generator=g)
     with torch.no_grad():
-        out = flow_map_sample(model, noise.to(device), steps=steps).samples
+        out = run(model, noise.to(device), steps).samples
     return out.cpu().numpy()
 
 

@@ -192,21 +192,24 @@ def _update_ema(ema, model, decay: float) -> None:
             be.copy_(b)
 
 
-def sample_figure(ema, shape, steps: list[int], device, seed: int):
+def sample_figure(ema, shape, steps: list[int], device, seed: int, sampler=None, sigma0: float = 1.0):
+    """Samples at each step count (a scatter for 2-D points, a 4x4 grid for images), drawn with
+    `sampler(model, noise, steps)` (the flow-map chain by default)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fmm.sampling import flow_map_sample
+    from fmm.sampling import make_sampler
 
+    sampler = sampler or make_sampler("flow_map")
     g = torch.Generator().manual_seed(seed)
     n = 2000 if len(shape) == 1 else 16
-    noise = torch.randn((n, *shape), generator=g).to(device)
+    noise = (sigma0 * torch.randn((n, *shape), generator=g)).to(device)
     fig, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3.2), squeeze=False)
     with torch.no_grad():
         for ax, k in zip(axes[0], steps):
-            x = flow_map_sample(ema, noise, steps=k).samples.float().cpu()
+            x = sampler(ema, noise, k).samples.float().cpu()
             if len(shape) == 1:
                 ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5)
                 ax.set_aspect("equal")
@@ -226,7 +229,9 @@ class PeriodicEvaluation:
 
     def __init__(self, exp: ExperimentConfig, interpolant, shape: tuple[int, ...], device):
         from fmm.evaluate import Scorer
+        from fmm.objectives import sampler_for
 
+        self.sampler, _ = sampler_for(exp.objective, interpolant, seed=exp.train.seed + 8)
         n = exp.train.eval_samples
         g = torch.Generator().manual_seed(exp.train.seed + 7)
         self.noise = (interpolant.sigma0 * torch.randn((n, *shape), generator=g)).to(device)
@@ -247,12 +252,10 @@ class PeriodicEvaluation:
                 self.scorer = Scorer(shape, reference, wanted=["sw2"])
 
     def __call__(self, ema) -> dict[str, float]:
-        from fmm.sampling import flow_map_sample
-
         out = {}
         with torch.no_grad():
             for k in self.steps:
-                scores = self.scorer(flow_map_sample(ema, self.noise, steps=k).samples)
+                scores = self.scorer(self.sampler(ema, self.noise, k).samples)
                 out.update({f"eval/{name}_steps{k:03d}": value for name, value in scores.items()})
         return out
 
@@ -388,7 +391,11 @@ def finish_run(state: State, exp: ExperimentConfig, logger, best: dict, device, 
         return
     import matplotlib.pyplot as plt
 
-    fig = sample_figure(state.ema, shape, exp.train.sample_steps, device, exp.train.seed)
+    from fmm.objectives import sampler_for
+
+    interpolant = build_interpolant(exp)
+    sampler, _ = sampler_for(exp.objective, interpolant, seed=exp.train.seed + 8)
+    fig = sample_figure(state.ema, shape, exp.train.sample_steps, device, exp.train.seed, sampler, interpolant.sigma0)
     logger.log_figure(fig, f"samples/step_{state.step:08d}.png")
     plt.close(fig)
     logger.flush()

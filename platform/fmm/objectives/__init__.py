@@ -1,5 +1,6 @@
-"""Flow-map objectives, registered by name: flow matching; LMD, EMD, PFMM (distillation); the two-map
-loss and Eulerian direct estimation (direct); LSD, ESD, PSD (self-distillation)."""
+"""Objectives, registered by name: flow matching; LMD, EMD, PFMM (distillation); the two-map loss and
+Eulerian direct estimation (direct); LSD, ESD, PSD (self-distillation); and the baselines: CD, CT,
+iCT, sCD, sCT, AYF-EMD, CTM (consistency) and progressive distillation, shortcut, MeanFlow (few_step)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,20 @@ from fmm.objectives import flow_matching  # noqa: F401, I001
 from fmm.objectives import distillation  # noqa: F401
 from fmm.objectives import direct  # noqa: F401
 from fmm.objectives import self_distillation  # noqa: F401
+from fmm.objectives import consistency  # noqa: F401
+from fmm.objectives import few_step  # noqa: F401
 from fmm.objectives.base import Objective, ObjectiveOptions, Term
 from fmm.objectives.registry import OBJECTIVES, make_objective
 from fmm.objectives.times import TimeSampling
+
+
+def sampler_for(spec: dict, interpolant, seed: int = 0):
+    """(sampler, kind) with which the method of objective `spec` is evaluated: its authors' sampler
+    (fmm.sampling.make_sampler), e.g. denoise-and-renoise for consistency models."""
+    from fmm.sampling import make_sampler
+
+    how = make_objective(dict(spec), interpolant).sampler()
+    return make_sampler(**how, interpolant=interpolant, seed=seed), how["kind"]
 
 
 def describe() -> list[dict[str, str]]:
@@ -26,4 +38,4 @@ def describe() -> list[dict[str, str]]:
     return rows
 
 
-__all__ = ["OBJECTIVES", "Objective", "ObjectiveOptions", "Term", "TimeSampling", "describe", "make_objective"]
+__all__ = ["OBJECTIVES", "Objective", "ObjectiveOptions", "Term", "TimeSampling", "describe", "make_objective", "sampler_for"]

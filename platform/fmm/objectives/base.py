@@ -20,6 +20,7 @@ entries, combined by the weighting:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -59,11 +60,12 @@ class JVPOptions(ObjectiveOptions):
 
 @dataclass
 class Term:
-    """A per-sample residual r [B, ...] at times (s, t) [B]."""
+    """A per-sample residual r [B, ...] at times (s, t) [B], with an optional per-sample weight [B]."""
 
     residual: Tensor
     s: Tensor
     t: Tensor
+    weight: Tensor | None = None
 
 
 class LearnedWeight(nn.Module):
@@ -128,6 +130,37 @@ def eulerian_residual(model: TwoTimeMap, s: Tensor, t: Tensor, x: Tensor, b: Ten
     return dx_ds + spatial
 
 
+class TargetNetwork(nn.Module):
+    """An EMA copy theta^- of the model, the consistency models' target network.
+
+    `update(model, step, decay)` moves it towards the model once per new step, with the model's
+    weights as they stand before that step's update (so after step k's optimiser update the target
+    has seen it, as in the papers' loop). decay = 0 makes it a plain copy (iCT: theta^- = sg(theta)).
+    Its parameters never train; gradients still flow through its input, as CTM's estimate needs.
+    """
+
+    def __init__(self, model: TwoTimeMap):
+        super().__init__()
+        self.net = copy.deepcopy(model).requires_grad_(False)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, model: TwoTimeMap, step: int, decay: float) -> None:
+        if step <= int(self.step):
+            return
+        for target, live in zip(self.net.parameters(), model.parameters()):
+            target.lerp_(live.detach(), 1.0 - decay)
+        for target, live in zip(self.net.buffers(), model.buffers()):
+            target.copy_(live)
+        self.step.fill_(step)
+
+    def forward(self, s: Tensor, t: Tensor, x: Tensor) -> Tensor:
+        return self.net(s, t, x)
+
+    def slope(self, s: Tensor, t: Tensor, x: Tensor) -> Tensor:
+        return self.net.slope(s, t, x)
+
+
 class Objective(nn.Module):
     """Base class: subclasses set the class attributes and implement `offdiagonal`."""
 
@@ -159,6 +192,9 @@ class Objective(nn.Module):
         if t_max is not None and self.options.time_sampling.t_max > t_max:
             raise ValueError(f"objective '{self.name}': the teacher is singular beyond t = {t_max}; set "
                              f"time_sampling.t_max <= {t_max} (it is {self.options.time_sampling.t_max}).")
+
+    def before_step(self, model: TwoTimeMap, step: int) -> None:
+        """Called once per training step before the loss (target networks update their EMA here)."""
 
     # -- the loss ----------------------------------------------------------------------------------
     def draw_noise(self, x1: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -195,13 +231,26 @@ class Objective(nn.Module):
             out["offdiagonal"] = self.offdiagonal(model, x0[n_diag:], x1[n_diag:], zz, teacher, step)
         return out
 
+    def per_sample_loss(self, term: Term) -> Tensor:
+        """The loss of each sample from its residual: the mean square by default; baselines with their
+        own distance (pseudo-Huber, MeanFlow's adaptive weight) override it."""
+        return per_sample_mse(term.residual)
+
+    def sampler(self) -> dict[str, Any]:
+        """How this method's authors sample with it (see fmm.sampling.make_sampler): the flow-map chain
+        by default, consistency models' denoise-and-renoise, or CTM's gamma-sampling."""
+        return {"kind": "flow_map"}
+
     def forward(self, model: TwoTimeMap, batch: Tensor, *, teacher: VelocityField | None = None,
                 step: int = 0) -> tuple[Tensor, dict[str, Any]]:
+        self.before_step(model, step)
         terms = self.terms(model, batch, teacher, step)
         total, count, logs = batch.new_zeros(()), 0, {}
         for key, term in terms.items():
-            mse = per_sample_mse(term.residual)
-            logs[f"mse_{key}"] = mse.mean().detach()
+            logs[f"mse_{key}"] = per_sample_mse(term.residual).mean().detach()
+            mse = self.per_sample_loss(term)
+            if term.weight is not None:
+                mse = term.weight * mse
             if self.weight is not None:
                 w = self.weight(term.s, term.t)
                 mse = torch.exp(-w) * mse + w
