@@ -114,6 +114,44 @@ def test_a_failed_worker_resumes_from_the_last_checkpoint_and_finishes(ray_clust
     assert steps[-1] == 60 and 40 in steps  # logged before the failure, then resumed from step 40
 
 
+def test_a_baseline_trains_through_the_same_loop_and_resumes_its_target_network(ray_cluster, tmp_path):
+    """Consistency distillation on two workers: its EMA target network is objective state, broadcast,
+    checkpointed and restored with the rest; the periodic evaluation samples it as a consistency model."""
+    exp = experiment(tmp_path, name="cd-recovering", objective={"name": "cd", "steps": 10, "target_decay": 0.9},
+                     train__fail_at_step=45, train__eval_every=30, train__eval_samples=200,
+                     scaling__max_failures=1, scaling__num_workers=2)
+    result = run_training(exp, log=lambda *_: None)
+    assert result.return_value["step"] == 60
+    checksums = result.return_value["param_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    client = MlflowClient(result.tracking_uri)
+    assert [m.step for m in client.get_metric_history(result.mlflow_run_id, "eval/sw2_steps001")] == [30, 60]
+
+
+def test_objective_state_round_trips_through_a_checkpoint(tmp_path):
+    from fmm.objectives import make_objective
+    from fmm.train import build_teacher
+
+    exp = experiment(tmp_path, objective={"name": "cd", "target_decay": 0.5})
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = build_model(exp)
+        objective = make_objective(dict(exp.objective), build_interpolant(exp))
+        objective.prepare(model, build_teacher(exp, build_interpolant(exp)))
+        optimiser, scheduler = build_optimiser(exp, list(model.parameters()), exp.train.steps)
+        states.append(State(model, copy.deepcopy(model), objective, optimiser, scheduler))
+    with torch.no_grad():
+        for p in states[0].model.parameters():
+            p.add_(0.5)
+    states[0].objective.before_step(states[0].model, 3)
+    save_state(states[0], exp, str(tmp_path), {})
+    load_state(states[1], str(tmp_path))
+    assert int(states[1].objective.target.step) == 3
+    for a, b in zip(states[0].objective.target.parameters(), states[1].objective.target.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_mlflow_run_holds_params_metrics_artifacts_and_tags_and_serves_as_teacher(ray_cluster, tmp_path):
     exp = experiment(tmp_path, name="tracked", train__eval_every=30, train__eval_samples=300)
     result = run_training(exp, log=lambda *_: None)
