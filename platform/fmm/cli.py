@@ -70,6 +70,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from fmm.sweep import best_rows, load_sweep, results_table, run_sweep
+
+    sweep, base = load_sweep(args.sweep, args.set)
+    grid = run_sweep(sweep, base, resume=args.resume, address=args.address)
+    rows = results_table(grid, sweep)
+    failed = sum(r["status"] == "ERROR" for r in rows)
+    print(f"[fmm] sweep {sweep.name}: {len(rows)} trials ({failed} failed)")
+    for row in best_rows(rows, sweep):
+        params = ", ".join(f"{k[6:]}={v}" for k, v in row.items() if k.startswith("param."))
+        scores = ", ".join(f"{m.name} {row[m.name]:.4g}" for m in sweep.metrics)
+        print(f"[fmm] best: trial {row['trial_id']} ({scores}): {params}; MLflow run {row['mlflow_run_id']}")
+    return 0
+
+
 def _data_prepare(args: argparse.Namespace) -> int:
     from fmm.data import prepare
 
@@ -142,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     train.add_argument("--resume", metavar="RUN", help="continue the run at RUN (<storage.path>/<name>)")
     train.set_defaults(func=_train)
+
+    sw = sub.add_parser("sweep", help="Ray Tune + Optuna over experiment keys, each trial a training run")
+    sw.add_argument("sweep", help="sweep file (see experiments/sweeps/)")
+    sw.add_argument("--resume", action="store_true", help="continue the sweep of this name and storage")
+    sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep key, e.g. search.num_samples=4")
+    sw.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    sw.set_defaults(func=_sweep)
 
     ev = sub.add_parser("evaluate", help="quality per number of steps against the teacher's solvers, into MLflow")
     ev.add_argument("run", help="run folder or URI (<storage.path>/<name>), a final.pt, or runs:/<mlflow run id>")

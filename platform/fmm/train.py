@@ -223,6 +223,15 @@ def sample_figure(ema, shape, steps: list[int], device, seed: int, sampler=None,
     return fig
 
 
+def reported_metrics(exp: ExperimentConfig) -> list[str]:
+    """The metric names every report of the loop carries (what a sweep may optimise): the loss, and with
+    train.eval_every the periodic evaluation's primary metric at each of train.eval_steps."""
+    if not exp.train.eval_every:
+        return ["loss"]
+    primary = "fd_classifier" if len(data_shape(exp)) == 3 else "sw2"
+    return ["loss"] + [f"eval/{primary}_steps{k:03d}" for k in exp.train.eval_steps]
+
+
 class PeriodicEvaluation:
     """The primary quality metric of the EMA map at a few step counts, every `eval_every` training
     steps (rank 0 only): sliced W2 for vectors, the classifier-feature distance for labelled images."""
@@ -260,9 +269,58 @@ class PeriodicEvaluation:
         return out
 
 
+class TrainSession:
+    """What the loop needs from the process running it: a Ray Train worker (`fmm train`, distributed
+    sweep trials) or a Ray Tune trial running the loop in its own process (single-worker CPU trials)."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def get_checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_folder: str | None, name: str) -> None:
+        """A barrier on every worker; only rank 0's metrics and checkpoint count."""
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+
+
+class TuneTrialSession:
+    """One process, one worker: the loop runs inside a Tune trial and reports to Tune directly."""
+
+    rank, world = 0, 1
+
+    def __init__(self):
+        self.device = torch.device("cpu")
+
+    def get_checkpoint(self):
+        import ray.tune
+
+        return ray.tune.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_folder: str | None, name: str) -> None:
+        import ray.tune
+
+        checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None
+        ray.tune.report(metrics, checkpoint=checkpoint)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    import ray.train
-    import ray.train.torch
+    return run_loop(config, TrainSession())
+
+
+def run_loop(config: dict[str, Any], session) -> dict[str, Any]:
+    """The training loop of one worker. It reports to `session` at every checkpoint and every
+    periodic evaluation, with the step, the loss, the latest evaluation metrics and the MLflow run."""
     import torch.distributed as dist
 
     from fmm.distributed import broadcast_parameters, is_distributed
@@ -270,10 +328,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from fmm.training import train_step, trainable_parameters
 
     exp = ExperimentConfig(**config["experiment"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world
     torch.set_num_threads(exp.scaling.cpus_per_worker)
-    device = ray.train.torch.get_device()
+    device = session.device
 
     torch.manual_seed(exp.train.seed)  # the same initial weights everywhere (and rank 0's are broadcast)
     interpolant = build_interpolant(exp)
@@ -286,7 +343,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     optimiser, scheduler = build_optimiser(exp, trainable_parameters(model, objective), exp.train.steps)
     state = State(model, copy.deepcopy(model).requires_grad_(False), objective, optimiser, scheduler)
 
-    restored = ray.train.get_checkpoint()
+    restored = session.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
             load_state(state, folder)
@@ -309,6 +366,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0 and exp.train.eval_every:
         periodic = PeriodicEvaluation(exp, interpolant, tuple(model.sample_shape), device)
     best = {"loss": math.inf}
+    latest_eval: dict[str, float] = {}
     window: list[float] = []
     last_time, last_step = time.perf_counter(), state.step
     if rank == 0:
@@ -344,18 +402,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 print(f"[fmm] step {state.step:6d}  loss {metrics['train/loss']:.4f}  "
                       f"lr {metrics['train/lr']:.2e}  {rate:,.0f} samples/s", flush=True)
 
-        if periodic is not None and state.step % exp.train.eval_every == 0:
-            logger.log_metrics(periodic(state.ema), state.step)
+        evaluating = bool(exp.train.eval_every) and state.step % exp.train.eval_every == 0
+        if periodic is not None and evaluating:
+            latest_eval = periodic(state.ema)
+            logger.log_metrics(latest_eval, state.step)
 
-        if state.step % exp.train.checkpoint_every == 0 or state.step == exp.train.steps:
-            report = {"step": state.step, "loss": loss}
+        checkpointing = state.step % exp.train.checkpoint_every == 0 or state.step == exp.train.steps
+        if checkpointing or evaluating:
+            report = {"step": state.step, "loss": loss, **latest_eval, "mlflow_run_id": config["mlflow_run_id"]}
             with tempfile.TemporaryDirectory() as folder:
-                checkpoint = None
-                if rank == 0:
-                    save_state(state, exp, folder, report)
-                    checkpoint = ray.train.Checkpoint.from_directory(folder)
+                if rank == 0 and checkpointing:
+                    save_state(state, exp, folder, {"step": state.step, "loss": loss})
                     logger.flush()
-                ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"step_{state.step:08d}")
+                session.report(report, folder if rank == 0 and checkpointing else None, f"step_{state.step:08d}")
+                if not checkpointing:
+                    continue
                 if rank == 0:
                     logger.set_tags({"checkpoint_latest": storage.join(config["run_dir"], f"step_{state.step:08d}")})
                 if rank == 0 and loss < best["loss"]:
@@ -428,31 +489,49 @@ def read_record(run_dir: str) -> dict[str, Any]:
                              f"<storage.path>/<name>.")
 
 
+def open_run(exp: ExperimentConfig, *, resume: bool = False, parent_run_id: str | None = None,
+             extra_tags: dict[str, str] | None = None, extra_params: dict[str, str] | None = None,
+             run_id: str | None = None) -> dict[str, Any]:
+    """The run record (name, MLflow run, tracking URI, experiment), written to <storage>/<name>/fmm_run.json:
+    a new MLflow run (nested under `parent_run_id` for a sweep trial), or the recorded one on `resume`,
+    or `run_id` when the caller already has one (a restarted sweep trial)."""
+    from fmm import tracking
+
+    run_dir = storage.join(exp.storage.path, exp.name)
+    uri = tracking.resolve_uri(exp.tracking.uri)
+    record_exists = storage.exists(storage.join(run_dir, RUN_RECORD))
+    if record_exists and not resume and run_id is None:
+        raise ValueError(f"a run named {exp.name!r} already exists at {run_dir}: continue it with "
+                         f"'fmm train --resume {run_dir}' or choose another name.")
+    if resume:
+        record = read_record(run_dir)
+        run_id, uri = record["mlflow_run_id"], record["tracking_uri"]
+        tracking.set_tags(uri, run_id, {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    elif run_id is None:
+        experiment_id = tracking.ensure_experiment(uri, exp.tracking.experiment)
+        tags = {"objective": exp.objective["name"], "schedule": exp.interpolant.schedule,
+                "dataset": exp.data.target or exp.data.path, "network": exp.network["name"],
+                "git_commit": git_commit(), "ray_run": exp.name, "ray_storage": run_dir, **(extra_tags or {})}
+        params = {**tracking.flatten(exp.model_dump()), **(extra_params or {})}
+        run_id = tracking.start_run(uri, experiment_id, exp.name, params, tags, parent_run_id)
+    record = {"name": exp.name, "mlflow_run_id": run_id, "tracking_uri": uri, "experiment": exp.model_dump()}
+    storage.write_bytes(storage.join(run_dir, RUN_RECORD), json.dumps(record, indent=1).encode())
+    return record
+
+
+def loop_config(exp: ExperimentConfig, record: dict[str, Any]) -> dict[str, Any]:
+    return {"experiment": exp.model_dump(), "mlflow_run_id": record["mlflow_run_id"],
+            "tracking_uri": record["tracking_uri"], "run_dir": storage.join(exp.storage.path, exp.name)}
+
+
 def run_training(exp: ExperimentConfig, *, address: str | None = None, resume: bool = False,
                  log=print) -> TrainResult:
     """Validate, record, track and fit. `resume` continues the run of the same name and storage."""
     from fmm import tracking
 
     validate_before_start(exp)
-    run_dir = storage.join(exp.storage.path, exp.name)
-    uri = tracking.resolve_uri(exp.tracking.uri)
-    record_exists = storage.exists(storage.join(run_dir, RUN_RECORD))
-    if record_exists and not resume:
-        raise ValueError(f"a run named {exp.name!r} already exists at {run_dir}: continue it with "
-                         f"'fmm train --resume {run_dir}' or choose another name.")
-    if resume:
-        record = read_record(run_dir)
-        run_id = record["mlflow_run_id"]
-        uri = record["tracking_uri"]
-        tracking.set_tags(uri, run_id, {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    else:
-        experiment_id = tracking.ensure_experiment(uri, exp.tracking.experiment)
-        tags = {"objective": exp.objective["name"], "schedule": exp.interpolant.schedule,
-                "dataset": exp.data.target or exp.data.path, "network": exp.network["name"],
-                "git_commit": git_commit(), "ray_run": exp.name, "ray_storage": run_dir}
-        run_id = tracking.start_run(uri, experiment_id, exp.name, tracking.flatten(exp.model_dump()), tags)
-    record = {"name": exp.name, "mlflow_run_id": run_id, "tracking_uri": uri, "experiment": exp.model_dump()}
-    storage.write_bytes(storage.join(run_dir, RUN_RECORD), json.dumps(record, indent=1).encode())
+    record = open_run(exp, resume=resume)
+    uri, run_id, run_dir = record["tracking_uri"], record["mlflow_run_id"], storage.join(exp.storage.path, exp.name)
     log(f"[fmm] run {exp.name}: storage {run_dir}, MLflow run {run_id} at {uri}")
 
     status = "FAILED"
@@ -467,29 +546,34 @@ def run_training(exp: ExperimentConfig, *, address: str | None = None, resume: b
     return TrainResult(exp.name, run_dir, run_id, uri, result.return_value, checkpoint)
 
 
-def _fit(exp: ExperimentConfig, record: dict[str, Any], address: str | None):
-    import ray
+def make_trainer(exp: ExperimentConfig, record: dict[str, Any], callbacks=None):
+    """The TorchTrainer of one run: its workers, storage at <storage>/<name> (a stable name, so a restart
+    resumes), worker-level retries and the number of checkpoints kept."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchTrainer
+
+    scaling = exp.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker or 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config(exp, record),
+        scaling_config=RayScaling(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                  resources_per_worker=resources),
+        run_config=RunConfig(name=exp.name, storage_path=storage.absolute(exp.storage.path),
+                             failure_config=FailureConfig(max_failures=scaling.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=exp.train.keep_checkpoints),
+                             callbacks=callbacks),
+    )
+
+
+def _fit(exp: ExperimentConfig, record: dict[str, Any], address: str | None):
+    import ray
 
     if not ray.is_initialized():
         # Workers print progress once; Ray Train's print patch would echo every line a second time.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         ray.init(address=address, log_to_driver=True)
-    scaling = exp.scaling
-    resources = {"CPU": scaling.cpus_per_worker}
-    if scaling.use_gpu:
-        resources["GPU"] = scaling.gpus_per_worker or 1
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"experiment": exp.model_dump(), "mlflow_run_id": record["mlflow_run_id"],
-                           "tracking_uri": record["tracking_uri"],
-                           "run_dir": storage.join(exp.storage.path, exp.name)},
-        scaling_config=RayScaling(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                  resources_per_worker=resources),
-        run_config=RunConfig(name=exp.name, storage_path=storage.absolute(exp.storage.path),
-                             failure_config=FailureConfig(max_failures=scaling.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=exp.train.keep_checkpoints)),
-    )
-    return trainer.fit()
+    return make_trainer(exp, record).fit()

@@ -1,0 +1,213 @@
+"""`fmm sweep` on real components: Ray Tune with OptunaSearch and ASHA on a local Ray cluster, trials
+that are real training runs, SQLite MLflow stores read back through MlflowClient, a resumed sweep, and
+a real `ray start --head` + `ray job submit` of the toy sweep."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import free_port
+from fmm.sweep import load_sweep, run_sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BASE = {
+    "name": "toy",
+    "data": {"target": "flower"},
+    "network": {"name": "mlp", "dim": 2, "width": 32, "depth": 2},
+    "objective": {"name": "lmd", "diagonal_fraction": 0.25},
+    "teacher": {"kind": "exact", "target": "flower"},
+    "optim": {"lr": 3e-3},
+    "train": {"steps": 40, "batch_size": 128, "log_every": 20, "eval_every": 20, "eval_samples": 200,
+              "eval_steps": [1, 2], "ema_decay": 0.9},
+    "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+}
+
+
+def write_sweep(tmp_path, name="toy-sweep", base=None, **changes) -> str:
+    base_path = tmp_path / "base.yaml"
+    base_path.write_text(yaml.safe_dump(base or BASE))
+    sweep = {
+        "name": name, "base": "base.yaml",
+        "space": {"interpolant.schedule": {"categorical": ["linear", "trig"]},
+                  "optim.lr": {"float": [1e-3, 1e-2], "log": True}},
+        "metric": "eval/sw2_steps001", "mode": "min",
+        "search": {"sampler": "tpe", "seed": 0, "num_samples": 4, "max_concurrent_trials": 2},
+        "scheduler": {"kind": "asha", "grace_period": 20},
+        "storage": {"path": str(tmp_path / "sweeps")},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "sweeps"},
+    }
+    for key, value in changes.items():
+        sweep[key] = value
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return str(path)
+
+
+def children(tmp_path, parent_name):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("sweeps")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("kind") == "sweep" and r.info.run_name == parent_name]
+    assert len(parent) == 1
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    return client, parent[0], kids
+
+
+# -- bad input, all before any trial starts -------------------------------------------------------
+
+@pytest.mark.parametrize("changes,message", [
+    ({"space": {"optim.lrr": {"float": [1e-3, 1e-2]}}}, "optim.lrr"),
+    ({"space": {"objective.invertibility_weight": {"float": [0.1, 1.0]}}}, "invertibility_weight"),
+    ({"space": {"interpolant.schedule": {"categorical": []}}}, "at least one choice"),
+    ({"space": {"optim.lr": {"float": [1e-2, 1e-3]}}}, "must not exceed high"),
+    ({"space": {"optim.lr": {"float": [0.0, 1e-3], "log": True}}}, "low > 0"),
+    ({"space": {"optim.lr": {"float": [1e-3, 1e-2], "int": [1, 2]}}}, "exactly one of"),
+    ({"metric": "eval/fid_steps001"}, "not reported by the trials"),
+    ({"metric": [{"name": "eval/sw2_steps001"}, {"name": "eval/sw2_steps002"}]}, "multi-objective"),
+    ({"space": {}}, "space is empty"),
+])
+def test_bad_sweeps_are_refused_before_any_trial(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        load_sweep(write_sweep(tmp_path, **changes))
+
+
+def test_a_conditional_key_is_checked_under_its_condition(tmp_path):
+    path = write_sweep(tmp_path, space={
+        "objective.name": {"categorical": ["lmd", "two_map"]},
+        "objective.invertibility_weight": {"float": [0.1, 10.0], "log": True, "when": {"objective.name": "two_map"}}})
+    sweep, _ = load_sweep(path)
+    assert sweep.space["objective.invertibility_weight"].when == {"objective.name": "two_map"}
+
+
+def test_a_trial_larger_than_the_cluster_is_refused(ray_cluster, tmp_path):
+    base = dict(BASE, scaling={"num_workers": 2, "cpus_per_worker": 3})
+    sweep, tree = load_sweep(write_sweep(tmp_path, base=base))
+    with pytest.raises(ValueError, match="one trial needs 6 CPU"):
+        run_sweep(sweep, tree, log=lambda *_: None)
+
+
+def test_the_cli_reports_bad_sweeps_in_one_paragraph(tmp_path):
+    path = write_sweep(tmp_path, space={"optim.lrr": {"float": [1e-3, 1e-2]}})
+    out = subprocess.run([sys.executable, "-m", "fmm.cli", "sweep", path], capture_output=True, text=True)
+    assert out.returncode == 2 and "optim.lrr" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- real sweeps -----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sweep_runs_trials_with_asha_and_records_parent_and_child_runs(ray_cluster, tmp_path):
+    sweep, base = load_sweep(write_sweep(tmp_path))
+    grid = run_sweep(sweep, base, log=lambda *_: None)
+    assert len(grid) == 4 and not grid.errors
+    client, parent, kids = children(tmp_path, "toy-sweep")
+    assert parent.info.status == "FINISHED" and parent.data.tags["trials"] == "4"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} == {
+        "sweep/space.json", "sweep/results.csv", "sweep/best.json", "sweep/parallel_coordinates.png"}
+    assert "best/eval/sw2_steps001" in parent.data.metrics
+    # each trial's child run and its Ray trial id point at each other
+    by_trial = {r.data.tags["ray_trial_id"]: r for r in kids}
+    assert len(by_trial) == 4
+    for result in grid:
+        kid = by_trial[result.metrics["trial_id"]]
+        assert result.metrics["mlflow_run_id"] == kid.info.run_id
+        assert kid.info.status in ("FINISHED", "KILLED")  # KILLED: stopped by ASHA
+        steps = [m.step for m in client.get_metric_history(kid.info.run_id, "eval/sw2_steps001")]
+        assert steps[0] == 20 and steps == sorted(steps)
+        assert kid.data.params["sweep.interpolant.schedule"] in ("linear", "trig")
+    assert any(r.info.status == "FINISHED" for r in kids)
+    assert parent.data.tags["best_mlflow_run_id"] in {r.info.run_id for r in kids}
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(ray_cluster, tmp_path):
+    path = write_sweep(tmp_path, name="nan-sweep", space={"optim.lr": {"categorical": [1.0e30]}},
+                       search={"num_samples": 2, "max_concurrent_trials": 2}, scheduler={"kind": "fifo"})
+    sweep, base = load_sweep(path)
+    grid = run_sweep(sweep, base, log=lambda *_: None)
+    assert len(grid) == 2 and len(grid.errors) == 2
+    _, parent, kids = children(tmp_path, "nan-sweep")
+    assert parent.info.status == "FINISHED" and parent.data.tags["trials_failed"] == "2"
+    assert len(kids) == 2
+    for kid in kids:
+        assert kid.info.status == "FAILED"
+        assert "FloatingPointError: loss is" in kid.data.tags["failure_reason"]
+
+
+@pytest.mark.slow
+def test_distributed_trials_run_as_torch_trainers(ray_cluster, tmp_path):
+    base = dict(BASE, scaling={"num_workers": 2, "cpus_per_worker": 1})
+    path = write_sweep(tmp_path, name="ddp-sweep", base=base, search={"num_samples": 2, "max_concurrent_trials": 2},
+                       scheduler={"kind": "fifo"})
+    sweep, tree = load_sweep(path)
+    grid = run_sweep(sweep, tree, log=lambda *_: None)
+    assert len(grid) == 2 and not grid.errors
+    for result in grid:
+        assert result.metrics["step"] == 40 and "checkpoint_path" in result.metrics  # forwarded from Train
+    _, _, kids = children(tmp_path, "ddp-sweep")
+    assert sorted(r.info.status for r in kids) == ["FINISHED", "FINISHED"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path):
+    path = write_sweep(tmp_path, name="resumed", search={"num_samples": 4, "max_concurrent_trials": 1},
+                       scheduler={"kind": "fifo"})
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    cmd = [sys.executable, "-m", "fmm.cli", "sweep", path]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    finished = 0
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(2)
+        try:
+            _, _, kids = children(tmp_path, "resumed")
+        except Exception:  # the store or the parent run may not exist yet
+            continue
+        finished = sum(r.info.status == "FINISHED" for r in kids)
+        if finished >= 2:
+            break
+    assert finished >= 2, "the sweep did not finish two trials in time"
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep's local Ray shares its fate (and its process group)
+    proc.wait(30)
+    time.sleep(3)
+    out = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "4 trials (0 failed)" in out.stdout
+    _, _, kids = children(tmp_path, "resumed")
+    assert len({r.data.tags["ray_trial_id"] for r in kids}) == 4 and len(kids) == 4
+    assert all(r.info.status == "FINISHED" for r in kids)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("ray") is None, reason="the Ray CLI is installed with the package")
+def test_ray_job_submit_runs_the_toy_sweep_on_a_started_head(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    port, dashboard = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="/tmp/fmmray")  # short (socket paths) and ours alone, to stop only this head
+    start = subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                            f"--temp-dir={temp}",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                            "--include-dashboard=true", "--disable-usage-stats"],
+                           capture_output=True, text=True, env=env, timeout=180)
+    assert start.returncode == 0, start.stderr[-3000:]
+    try:
+        path = write_sweep(tmp_path, name="submitted", search={"num_samples": 2, "max_concurrent_trials": 2})
+        job = subprocess.run(["ray", "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
+                              f"--working-dir={tmp_path}", "--", sys.executable, "-m", "fmm.cli", "sweep",
+                              "sweep.yaml"], capture_output=True, text=True, env=env, timeout=600)
+        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+        assert "succeeded" in job.stdout and "run_trial_" in job.stdout and "2 trials (0 failed)" in job.stdout
+    finally:  # `ray stop` would stop every Ray on the machine: end only the processes of this head
+        subprocess.run(["pkill", "-9", "-f", temp], capture_output=True)
+        time.sleep(2)
+        shutil.rmtree(temp, ignore_errors=True)
