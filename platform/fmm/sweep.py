@@ -295,6 +295,10 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
 
             make_trainer(exp, record, callbacks=[TuneReportCallback()]).fit()
         status = "FINISHED"
+    except SystemExit:  # how Tune ends a trial its scheduler stopped
+        status = "KILLED"
+        tracking.set_tags(uri, record["mlflow_run_id"], {"stopped": "by the scheduler"})
+        raise
     except BaseException as err:
         tracking.set_tags(uri, record["mlflow_run_id"], {"failure_reason": f"{type(err).__name__}: {err}"[:5000]})
         raise
@@ -323,6 +327,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False,
     import optuna
     import ray
     import ray.tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
@@ -388,7 +393,9 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False,
                                   mode=metrics[0].mode if single else [m.mode for m in metrics], sampler=sampler)
             if sweep.scheduler.kind == "asha":
                 grace = sweep.scheduler.grace_period or probe.train.eval_every or probe.train.checkpoint_every
-                scheduler = ASHAScheduler(time_attr="step", max_t=probe.train.steps, grace_period=grace,
+                # max_t lies past the last report: a trial that reaches the end finishes by returning
+                # (logging its final map), not by a stop at its last report.
+                scheduler = ASHAScheduler(time_attr="step", max_t=probe.train.steps + 1, grace_period=grace,
                                           reduction_factor=sweep.scheduler.reduction_factor)
             else:
                 scheduler = FIFOScheduler()
@@ -396,8 +403,10 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False,
                 search_alg=search, scheduler=scheduler, num_samples=sweep.search.num_samples,
                 max_concurrent_trials=concurrency,
                 metric=metrics[0].name if single else None, mode=metrics[0].mode if single else None)
+            # The result loggers are named so that results load even where auto-loggers are switched off.
             tuner = ray.tune.Tuner(trainable, tune_config=tune_config, run_config=ray.tune.RunConfig(
-                name="tune", storage_path=sweep_dir, verbose=1))
+                name="tune", storage_path=sweep_dir, verbose=1,
+                callbacks=[JsonLoggerCallback(), CSVLoggerCallback()]))
         grid = tuner.fit()
         status = "FINISHED"
     finally:
