@@ -187,24 +187,36 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path
     assert all(r.info.status == "FINISHED" for r in kids)
 
 
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the CLI installed beside this interpreter
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("ray") is None, reason="the Ray CLI is installed with the package")
 def test_ray_job_submit_runs_the_toy_sweep_on_a_started_head(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
     port, dashboard = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="/tmp/fmmray")  # short (socket paths) and ours alone, to stop only this head
-    start = subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+    start = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                             f"--temp-dir={temp}",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                            "--include-dashboard=true", "--disable-usage-stats"],
+                            "--include-dashboard=true", "--disable-usage-stats",
+                            # every port our own, so that another Ray on this machine cannot hold one
+                            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                            f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
+                            f"--object-manager-port={free_port()}"],
                            capture_output=True, text=True, env=env, timeout=180)
     assert start.returncode == 0, start.stderr[-3000:]
     try:
         path = write_sweep(tmp_path, name="submitted", search={"num_samples": 2, "max_concurrent_trials": 2})
-        job = subprocess.run(["ray", "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
-                              f"--working-dir={tmp_path}", "--", sys.executable, "-m", "fmm.cli", "sweep",
-                              "sweep.yaml"], capture_output=True, text=True, env=env, timeout=600)
+        deadline = time.time() + 180
+        while True:  # the head's job agent comes up a little after `ray start` returns
+            job = subprocess.run([RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
+                                  f"--working-dir={tmp_path}", "--", sys.executable, "-m", "fmm.cli", "sweep",
+                                  "sweep.yaml"], capture_output=True, text=True, env=env, timeout=600)
+            if "No available agent" not in job.stderr or time.time() > deadline:
+                break
+            time.sleep(5)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
         assert "succeeded" in job.stdout and "run_trial_" in job.stdout and "2 trials (0 failed)" in job.stdout
     finally:  # `ray stop` would stop every Ray on the machine: end only the processes of this head
