@@ -223,3 +223,42 @@ def test_ray_job_submit_runs_the_toy_sweep_on_a_started_head(tmp_path):
         subprocess.run(["pkill", "-9", "-f", temp], capture_output=True)
         time.sleep(2)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+# -- the shipped sweep files ---------------------------------------------------------------------------
+
+def test_the_toy_sweep_file_is_valid(tmp_path):
+    sweep, base = load_sweep(os.path.join(ROOT, "experiments", "sweeps", "flower_toy.yaml"),
+                             [f"storage.path={tmp_path}"])
+    assert sweep.metrics[0].name == "eval/sw2_steps001" and base["train"]["eval_every"] == 100
+
+
+@pytest.mark.parametrize("name", ["cifar10_schedules", "imagenet32_schedules"])
+def test_paper_scale_sweeps_give_valid_experiments_for_every_probe(name):
+    """Their data and storage live on a cluster; every value of their space must still give an experiment,
+    objective and network that validate."""
+    from fmm.config import validate
+    from fmm.nets import make_network
+    from fmm.objectives import make_objective
+    from fmm.sweep import SweepConfig, trial_experiment
+    from fmm.train import build_interpolant
+
+    path = os.path.join(ROOT, "experiments", "sweeps", f"{name}.yaml")
+    with open(path) as f:
+        sweep = validate(SweepConfig, yaml.safe_load(f), name)
+    with open(os.path.join(os.path.dirname(path), sweep.base)) as f:
+        base = yaml.safe_load(f)
+    for key, value in sweep.set.items():
+        from fmm.experiment import set_key
+
+        set_key(base, key, value)
+    network = None
+    for key, dist in sweep.space.items():
+        for probe in dist.probes():
+            exp = trial_experiment(sweep, base, {**dist.when, key: probe}, "probe")
+            make_objective(dict(exp.objective), build_interpolant(exp))
+            assert exp.scaling.use_gpu and exp.train.eval_metric == "fid"
+            if network is None:
+                config = dict(exp.network)
+                network = make_network(config.pop("name"), **config)
+    assert sum(p.numel() for p in network.parameters()) > 20e6

@@ -70,6 +70,7 @@ class TrainConfig(StrictModel):
     eval_every: int | None = Field(None, ge=1)      # periodic evaluation of the EMA map (rank 0)
     eval_steps: list[int] = [1, 2, 4]
     eval_samples: int = Field(2000, ge=10)
+    eval_metric: Literal["auto", "sw2", "energy", "mmd", "fd_classifier", "fid"] = "auto"
     fail_at_step: int | None = Field(None, ge=1)  # testing aid: raise once at this step to exercise recovery
 
 

@@ -137,6 +137,10 @@ def validate_before_start(exp: ExperimentConfig) -> None:
                          f"takes {list(model.sample_shape)}: fix the network keys or data.")
     objective = make_objective(dict(exp.objective), interpolant)
     objective.prepare(model, build_teacher(exp, interpolant))
+    image_metric = exp.train.eval_metric in ("fid", "fd_classifier")
+    if exp.train.eval_metric != "auto" and image_metric != (len(shape) == 3):
+        raise ValueError(f"train.eval_metric {exp.train.eval_metric!r} does not apply to samples of shape "
+                         f"{list(shape)}: use fid or fd_classifier for images, sw2, energy or mmd for vectors.")
     storage.check_writable(exp.storage.path, "storage.path")
 
 
@@ -228,13 +232,20 @@ def reported_metrics(exp: ExperimentConfig) -> list[str]:
     train.eval_every the periodic evaluation's primary metric at each of train.eval_steps."""
     if not exp.train.eval_every:
         return ["loss"]
-    primary = "fd_classifier" if len(data_shape(exp)) == 3 else "sw2"
-    return ["loss"] + [f"eval/{primary}_steps{k:03d}" for k in exp.train.eval_steps]
+    return ["loss"] + [f"eval/{eval_metric(exp)}_steps{k:03d}" for k in exp.train.eval_steps]
+
+
+def eval_metric(exp: ExperimentConfig) -> str:
+    """train.eval_metric, or by default sliced W2 for vectors and the classifier-feature distance for images."""
+    if exp.train.eval_metric != "auto":
+        return exp.train.eval_metric
+    return "fd_classifier" if len(data_shape(exp)) == 3 else "sw2"
 
 
 class PeriodicEvaluation:
-    """The primary quality metric of the EMA map at a few step counts, every `eval_every` training
-    steps (rank 0 only): sliced W2 for vectors, the classifier-feature distance for labelled images."""
+    """One quality metric of the EMA map at a few step counts, every `eval_every` training steps (rank 0
+    only), sampled with the method's own sampler: `eval_metric` (sliced W2 for vectors and the
+    classifier-feature distance for images by default; FID where the Inception weights are at hand)."""
 
     def __init__(self, exp: ExperimentConfig, interpolant, shape: tuple[int, ...], device):
         from fmm.evaluate import Scorer
@@ -245,20 +256,20 @@ class PeriodicEvaluation:
         g = torch.Generator().manual_seed(exp.train.seed + 7)
         self.noise = (interpolant.sigma0 * torch.randn((n, *shape), generator=g)).to(device)
         self.steps = exp.train.eval_steps
+        metric = eval_metric(exp)
         if exp.data.target is not None:
             from fmm.groundtruth import make_target
 
-            self.scorer = Scorer(shape, make_target(exp.data.target).sample(n, g), wanted=["sw2"])
+            self.scorer = Scorer(shape, make_target(exp.data.target).sample(n, g), wanted=[metric])
         else:
             from fmm.data import read_labels, read_part
 
             data, manifest = read_part(exp.data.path)
             reference = data[torch.randperm(len(data), generator=g)[:n]]
-            if len(shape) == 3:
+            labelled = None
+            if metric == "fd_classifier":
                 labelled = (data, read_labels(exp.data.path), manifest.get("dataset", "images"))
-                self.scorer = Scorer(shape, reference, wanted=["fd_classifier"], labelled=labelled)
-            else:
-                self.scorer = Scorer(shape, reference, wanted=["sw2"])
+            self.scorer = Scorer(shape, reference, wanted=[metric], labelled=labelled)
 
     def __call__(self, ema) -> dict[str, float]:
         out = {}
