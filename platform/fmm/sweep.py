@@ -120,6 +120,7 @@ class SweepConfig(StrictModel):
     scheduler: SchedulerSettings = SchedulerSettings()
     storage: SweepStorage = SweepStorage()
     tracking: TrackingConfig = TrackingConfig(experiment="fmm-sweeps")
+    trial_mode: Literal["auto", "in_process", "trainer"] = "auto"
 
     @model_validator(mode="after")
     def _checks(self) -> SweepConfig:
@@ -228,6 +229,7 @@ def check_sweep(sweep: SweepConfig, base: dict[str, Any]) -> None:
                 raise ValueError(f"sweep {sweep.name}: space key {key!r} with value {probe!r}"
                                  f"{' (when ' + str(dist.when) + ')' if dist.when else ''} does not give a "
                                  f"valid experiment: {err}") from None
+    trial_resources(exp, sweep.trial_mode)
     reported = reported_metrics(exp)
     for metric in sweep.metrics:
         if metric.name not in reported:
@@ -239,11 +241,16 @@ def check_sweep(sweep: SweepConfig, base: dict[str, Any]) -> None:
                          f"train.eval_every ({exp.train.eval_every}), so every trial reports at its end.")
 
 
-def trial_resources(exp: ExperimentConfig) -> tuple[bool, dict[str, float]]:
-    """(in_process, resources of the trial's own actor). One CPU worker: the loop runs in the trial,
-    which holds its CPUs. Otherwise a TorchTrainer's workers hold theirs and the trial a sliver."""
+def trial_resources(exp: ExperimentConfig, mode: str = "auto") -> tuple[bool, dict[str, float]]:
+    """(in_process, resources of the trial's own actor). One CPU worker (mode auto or in_process): the
+    loop runs in the trial, which holds its CPUs. Otherwise (or mode trainer) a TorchTrainer's workers
+    hold theirs and the trial a sliver."""
     scaling = exp.scaling
-    if scaling.num_workers == 1 and not scaling.use_gpu:
+    single = scaling.num_workers == 1 and not scaling.use_gpu
+    if mode == "in_process" and not single:
+        raise ValueError(f"trial_mode 'in_process' runs one CPU worker in the trial's process; this experiment has "
+                         f"{scaling.num_workers} workers{' on GPUs' if scaling.use_gpu else ''}: use auto or trainer.")
+    if single and mode != "trainer":
         return True, {"CPU": scaling.cpus_per_worker}
     return False, {"CPU": 0.01}
 
@@ -285,7 +292,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     record = open_run(exp, parent_run_id=parent, run_id=found[0].info.run_id if found else None,
                       extra_tags={"ray_trial_id": trial_id, "sweep": sweep.name},
                       extra_params={f"sweep.{k}": str(v) for k, v in config.items()})
-    in_process, _ = trial_resources(exp)
+    in_process, _ = trial_resources(exp, sweep.trial_mode)
     status = "FAILED"
     try:
         if in_process:
@@ -343,7 +350,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False,
         raise ValueError(f"no sweep to resume at {sweep_dir} (missing {SWEEP_RECORD}).")
     storage.check_writable(sweep_dir, "storage.path")
     probe = trial_experiment(sweep, base, {}, f"{sweep.name}-probe")
-    in_process, resources = trial_resources(probe)
+    in_process, resources = trial_resources(probe, sweep.trial_mode)
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -401,7 +408,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False,
                 scheduler = FIFOScheduler()
             tune_config = ray.tune.TuneConfig(
                 search_alg=search, scheduler=scheduler, num_samples=sweep.search.num_samples,
-                max_concurrent_trials=concurrency,
+                max_concurrent_trials=concurrency, reuse_actors=in_process,
                 metric=metrics[0].name if single else None, mode=metrics[0].mode if single else None)
             # The result loggers are named so that results load even where auto-loggers are switched off.
             tuner = ray.tune.Tuner(trainable, tune_config=tune_config, run_config=ray.tune.RunConfig(
