@@ -48,3 +48,31 @@ def test_bad_sample_requests_are_clear_errors(tmp_path):
     assert result.returncode == 2 and "must end in .npy or .parquet" in result.stderr
     result = run(str(tmp_path / "none.pt"), "--steps", "2", "--out", str(tmp_path / "x.npy"))
     assert result.returncode == 2 and "no flow-map checkpoint" in result.stderr
+
+
+def test_a_consistency_model_is_sampled_with_its_own_sampler_unless_told_otherwise(tmp_path):
+    from fmm.experiment import load_experiment
+    from fmm.interpolants import Interpolant
+    from fmm.sampling import gamma_sample
+
+    torch.manual_seed(0)
+    model = FlowMap(make_network("mlp", dim=2, width=16, depth=1))
+    torch.nn.init.normal_(model.net.out.weight)
+    exp = load_experiment(raw={"name": "cd", "data": {"target": "flower"}, "network": model.net.config,
+                               "objective": {"name": "cd"}, "teacher": {"kind": "exact", "target": "flower"}})
+    ckpt = str(tmp_path / "cd.pt")
+    save_flow_map(ckpt, model, extra={"config": exp.model_dump()})
+    noise = np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32)
+    np.save(tmp_path / "noise.npy", noise)
+    outs = {}
+    for name, extra in (("own", []), ("again", []), ("chain", ["--sampler", "flow_map"])):
+        result = run(ckpt, "--steps", "3", "--noise", str(tmp_path / "noise.npy"), "--seed", "4",
+                     "--out", str(tmp_path / f"{name}.npy"), *extra)
+        assert result.returncode == 0, result.stderr
+        outs[name] = np.load(tmp_path / f"{name}.npy")
+    with torch.no_grad():
+        chain = flow_map_sample(model, torch.from_numpy(noise), steps=3).samples.numpy()
+        consistency = gamma_sample(model, torch.from_numpy(noise), Interpolant("linear"), gamma=1.0, steps=3,
+                                   generator=torch.Generator().manual_seed(6)).samples.numpy()
+    assert np.array_equal(outs["own"], outs["again"]) and np.allclose(outs["own"], consistency, atol=1e-6)
+    assert np.allclose(outs["chain"], chain, atol=1e-6) and not np.allclose(outs["own"], chain)
