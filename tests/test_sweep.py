@@ -208,7 +208,7 @@ def test_ray_job_submit_runs_the_toy_sweep_on_a_started_head(tmp_path):
                            capture_output=True, text=True, env=env, timeout=180)
     assert start.returncode == 0, start.stderr[-3000:]
     try:
-        path = write_sweep(tmp_path, name="submitted", search={"num_samples": 2, "max_concurrent_trials": 2})
+        write_sweep(tmp_path, name="submitted", search={"num_samples": 2, "max_concurrent_trials": 2})
         deadline = time.time() + 180
         while True:  # the head's job agent comes up a little after `ray start` returns
             job = subprocess.run([RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard}",

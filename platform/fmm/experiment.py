@@ -127,21 +127,32 @@ def set_key(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def read_yaml(path: str | None, what: str) -> dict[str, Any]:
+    """A YAML mapping from a file; a missing file or bad YAML is a ValueError naming it."""
+    if path is None or not os.path.isfile(path):
+        raise ValueError(f"{what} file {path!r} not found.")
+    with open(path) as f:
+        try:
+            return yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{what} file {path!r} is not valid YAML: {err}") from None
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | None, example: str) -> dict[str, Any]:
+    """A copy of `tree` with each `key=value` (dotted key, value read as YAML) applied."""
+    tree = copy.deepcopy(tree)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set takes key=value (a dotted key such as {example}); got {item!r}.")
+        key, text = item.split("=", 1)
+        set_key(tree, key.strip(), yaml.safe_load(text))
+    return tree
+
+
 def load_experiment(path: str | None = None, overrides: list[str] | None = None,
                     raw: dict[str, Any] | None = None) -> ExperimentConfig:
     """Read and validate an experiment file (or mapping), applying `key=value` overrides."""
     if raw is None:
-        if path is None or not os.path.isfile(path):
-            raise ValueError(f"experiment file {path!r} not found.")
-        with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise ValueError(f"experiment file {path!r} is not valid YAML: {err}") from None
-    tree = copy.deepcopy(raw)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"--set takes key=value (a dotted key such as train.steps=500); got {item!r}.")
-        key, text = item.split("=", 1)
-        set_key(tree, key.strip(), yaml.safe_load(text))
+        raw = read_yaml(path, "experiment")
+    tree = apply_overrides(raw, overrides, "train.steps=500")
     return validate(ExperimentConfig, tree, f"experiment {path or ''}".strip())

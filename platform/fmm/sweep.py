@@ -36,12 +36,12 @@ import tempfile
 import time
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, model_validator
 
 from fmm import storage
 from fmm.config import StrictModel, validate
-from fmm.experiment import ExperimentConfig, TrackingConfig, load_experiment, set_key
+from fmm.experiment import (ExperimentConfig, TrackingConfig, apply_overrides, load_experiment, read_yaml,
+                            set_key)
 
 SWEEP_RECORD = "fmm_sweep.json"
 
@@ -170,24 +170,12 @@ def _lookup(tree: dict[str, Any], dotted: str) -> Any:
 
 def load_sweep(path: str, overrides: list[str] | None = None) -> tuple[SweepConfig, dict[str, Any]]:
     """The validated sweep and the base experiment tree (with `set` applied), every trial's starting point."""
-    if not os.path.isfile(path):
-        raise ValueError(f"sweep file {path!r} not found.")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"sweep file {path!r} is not valid YAML: {err}") from None
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"--set takes key=value (a dotted key such as search.num_samples=4); got {item!r}.")
-        key, text = item.split("=", 1)
-        set_key(raw, key.strip(), yaml.safe_load(text))
+    raw = apply_overrides(read_yaml(path, "sweep"), overrides, "search.num_samples=4")
     sweep = validate(SweepConfig, raw, f"sweep {path}")
     base_path = os.path.join(os.path.dirname(os.path.abspath(path)), sweep.base)
     if not os.path.isfile(base_path):
         raise ValueError(f"sweep {path}: base experiment {sweep.base!r} not found (looked for {base_path}).")
-    with open(base_path) as f:
-        base = yaml.safe_load(f) or {}
+    base = read_yaml(base_path, "base experiment")
     for key, value in sweep.set.items():
         set_key(base, key, value)
     _absolute_paths(base)

@@ -259,3 +259,34 @@ class Objective(nn.Module):
         loss = total / count
         logs["loss"] = loss.detach()
         return loss, logs
+
+
+class FrozenTeacherRounds(Objective):
+    """Objectives trained in rounds against a frozen copy of the student (PFMM, progressive
+    distillation): the copy is made at prepare() and reloaded from the model when a round begins."""
+
+    needs_teacher = True
+    diagonal_target = "teacher"
+
+    def __init__(self, interpolant, options):
+        super().__init__(interpolant, options)
+        self.register_buffer("round", torch.zeros((), dtype=torch.long))
+        self.teacher_map: TwoTimeMap | None = None
+
+    def prepare(self, model: TwoTimeMap, teacher: VelocityField | None = None) -> None:
+        super().prepare(model, teacher)
+        if self.teacher_map is None:
+            self.teacher_map = copy.deepcopy(model).requires_grad_(False)
+
+    def round_at(self, step: int) -> int:
+        raise NotImplementedError
+
+    def enter_round(self, model: TwoTimeMap, step: int) -> int:
+        """The round of `step`; on entering a new one the frozen teacher becomes the current student."""
+        if self.teacher_map is None:
+            raise ValueError(f"objective '{self.name}': call prepare(model, teacher) before the first step.")
+        k = self.round_at(step)
+        if k > int(self.round):
+            self.teacher_map.load_state_dict(model.state_dict())
+            self.round.fill_(k)
+        return k

@@ -8,15 +8,13 @@ regresses onto the teacher's b_t(I_t).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from fmm.flowmap import TwoTimeMap, VelocityField
-from fmm.objectives.base import (JVPOptions, Objective, ObjectiveOptions, Term, eulerian_residual,
-                                 lagrangian_residual)
+from fmm.flowmap import VelocityField
+from fmm.objectives.base import (FrozenTeacherRounds, JVPOptions, Objective, ObjectiveOptions, Term,
+                                 eulerian_residual, lagrangian_residual)
 from fmm.objectives.registry import register
 
 
@@ -103,7 +101,7 @@ class _EulerStepMap:
 
 
 @register
-class PFMM(Objective):
+class PFMM(FrozenTeacherRounds):
     """Progressive flow map matching: E |X_{s,t}(I_s) - X'_{u,t}(X'_{s,u}(I_s))|^2 with u = (s + t) / 2.
 
     X' is a frozen teacher map valid for gaps up to tau; the student learns gaps up to 2 tau from
@@ -115,19 +113,7 @@ class PFMM(Objective):
     name = "pfmm"
     paper = "FMM 2406.07507 (PFMM); LSD 2505.18825 App. B.3"
     equation = "(30)/(31): |X_{s,t}(I_s) - X'_{u,t}(X'_{s,u}(I_s))|^2, u = (s+t)/2"
-    needs_teacher = True
-    diagonal_target = "teacher"
     Options = PFMMOptions
-
-    def __init__(self, interpolant, options):
-        super().__init__(interpolant, options)
-        self.register_buffer("round", torch.zeros((), dtype=torch.long))
-        self.teacher_map: TwoTimeMap | None = None
-
-    def prepare(self, model: TwoTimeMap, teacher: VelocityField | None = None) -> None:
-        super().prepare(model, teacher)
-        if self.teacher_map is None:
-            self.teacher_map = copy.deepcopy(model).requires_grad_(False)
 
     def round_at(self, step: int) -> int:
         return step // self.options.round_steps
@@ -136,12 +122,7 @@ class PFMM(Objective):
         return min(1.0, 2 * self.options.initial_gap * 2 ** self.round_at(step))
 
     def offdiagonal(self, model, x0, x1, z, teacher, step) -> Term:
-        if self.teacher_map is None:
-            raise ValueError("objective 'pfmm': call prepare(model, teacher) before the first step.")
-        k = self.round_at(step)
-        if k > int(self.round):
-            self.teacher_map.load_state_dict(model.state_dict())
-            self.round.fill_(k)
+        k = self.enter_round(model, step)
         jump = _EulerStepMap(teacher) if k == 0 else self.teacher_map
         s, t = self.options.time_sampling.pair(x1.shape[0], step, max_gap=self.max_gap(step),
                                                device=x1.device, dtype=x1.dtype)

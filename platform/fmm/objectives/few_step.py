@@ -4,14 +4,12 @@ models and MeanFlow, each written for X_{s,t}(x) = x + (t - s) v_{s,t}(x) with t
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from fmm.flowmap import TwoTimeMap, VelocityField
-from fmm.objectives.base import Objective, ObjectiveOptions, TargetNetwork, Term, eulerian_residual
+from fmm.objectives.base import (FrozenTeacherRounds, Objective, ObjectiveOptions, TargetNetwork, Term,
+                                 eulerian_residual)
 from fmm.objectives.registry import register
 from fmm.objectives.times import TimeSampling
 from fmm.validation import expand_like
@@ -38,7 +36,7 @@ class PDOptions(ObjectiveOptions):
 
 
 @register
-class ProgressiveDistillation(Objective):
+class ProgressiveDistillation(FrozenTeacherRounds):
     """Progressive distillation (Salimans & Ho 2022, 2202.00512 Alg. 2) on the uniform grid of K =
     initial_steps steps: in round r the student takes N_r = K / 2^(r+1) steps and one student step
     regresses onto two steps of the teacher, which in round 0 is the velocity teacher's Euler step
@@ -54,19 +52,7 @@ class ProgressiveDistillation(Objective):
     name = "pd"
     paper = "Progressive distillation 2202.00512, Alg. 2 (two teacher steps -> one student step)"
     equation = "|v_{s,s+2h}(x_s) - sg(T_{s+h,s+2h}(T_{s,s+h}(x_s)) - x_s)/2h|^2, halving rounds"
-    needs_teacher = True
-    diagonal_target = "teacher"
     Options = PDOptions
-
-    def __init__(self, interpolant, options):
-        super().__init__(interpolant, options)
-        self.register_buffer("round", torch.zeros((), dtype=torch.long))
-        self.teacher_map: TwoTimeMap | None = None
-
-    def prepare(self, model: TwoTimeMap, teacher: VelocityField | None = None) -> None:
-        super().prepare(model, teacher)
-        if self.teacher_map is None:
-            self.teacher_map = copy.deepcopy(model).requires_grad_(False)
 
     def round_at(self, step: int) -> int:
         last = (self.options.initial_steps // self.options.final_steps).bit_length() - 2
@@ -76,12 +62,7 @@ class ProgressiveDistillation(Objective):
         return self.options.initial_steps // 2 ** (self.round_at(step) + 1)
 
     def offdiagonal(self, model, x0, x1, z, teacher, step) -> Term:
-        if self.teacher_map is None:
-            raise ValueError("objective 'pd': call prepare(model, teacher) before the first step.")
-        k = self.round_at(step)
-        if k > int(self.round):
-            self.teacher_map.load_state_dict(model.state_dict())
-            self.round.fill_(k)
+        k = self.enter_round(model, step)
         n = self.student_steps(step)
         s = torch.randint(0, n, (x1.shape[0],), device=x1.device).to(x1.dtype) / n
         h = torch.full_like(s, 0.5 / n)
