@@ -123,8 +123,28 @@ def test_sweep_runs_trials_with_asha_and_records_parent_and_child_runs(ray_clust
         steps = [m.step for m in client.get_metric_history(kid.info.run_id, "eval/sw2_steps001")]
         assert steps[0] == 20 and steps == sorted(steps)
         assert kid.data.params["sweep.interpolant.schedule"] in ("linear", "trig")
-    assert any(r.info.status == "FINISHED" for r in kids)
-    assert parent.data.tags["best_mlflow_run_id"] in {r.info.run_id for r in kids}
+    finished = [r for r in kids if r.info.status == "FINISHED"]
+    assert finished and parent.data.tags["best_mlflow_run_id"] in {r.info.run_id for r in finished}
+    for kid in finished:  # quality against sampling steps, and the final map
+        assert [m.step for m in client.get_metric_history(kid.info.run_id, "sw2_vs_steps")] == [1, 2]
+        assert "checkpoints/final.pt" in {a.path for a in client.list_artifacts(kid.info.run_id, "checkpoints")}
+
+
+@pytest.mark.slow
+def test_a_sweep_on_s3_storage_keeps_its_state_and_trial_checkpoints_there(ray_cluster, tmp_path, s3_server):
+    import boto3
+
+    path = write_sweep(tmp_path, name="s3-sweep", search={"num_samples": 2, "max_concurrent_trials": 2},
+                       scheduler={"kind": "fifo"}, storage={"path": "s3://fmm/sweeps"})
+    sweep, base = load_sweep(path)
+    grid = run_sweep(sweep, base, log=lambda *_: None)
+    assert len(grid) == 2 and not grid.errors
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
+        Bucket="fmm", Prefix="sweeps/s3-sweep/")["Contents"]]
+    assert "sweeps/s3-sweep/fmm_sweep.json" in keys
+    assert any(k.startswith("sweeps/s3-sweep/tune/") and "experiment_state" in k for k in keys)
+    assert sum(k.endswith("/state.pt") for k in keys) >= 2  # the trials' checkpoints
+    assert sum(k.endswith("/fmm_run.json") for k in keys) == 2
 
 
 @pytest.mark.slow

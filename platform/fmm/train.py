@@ -273,11 +273,19 @@ class PeriodicEvaluation:
 
     def __call__(self, ema) -> dict[str, float]:
         out = {}
+        self.curve: dict[int, dict[str, float]] = {}
         with torch.no_grad():
             for k in self.steps:
                 scores = self.scorer(self.sampler(ema, self.noise, k).samples)
+                self.curve[k] = scores
                 out.update({f"eval/{name}_steps{k:03d}": value for name, value in scores.items()})
         return out
+
+    def log_curve(self, logger) -> None:
+        """The last evaluation as quality against sampling steps: `<metric>_vs_steps` with step = steps,
+        so MLflow charts it as the run's quality-versus-steps curve."""
+        for k, scores in getattr(self, "curve", {}).items():
+            logger.log_metrics({f"{name}_vs_steps": value for name, value in scores.items()}, k)
 
 
 class TrainSession:
@@ -440,6 +448,8 @@ def run_loop(config: dict[str, Any], session) -> dict[str, Any]:
         gathered = [None] * world
         dist.all_gather_object(gathered, float(checksum.sum()))
     if rank == 0:
+        if periodic is not None:
+            periodic.log_curve(logger)
         finish_run(state, exp, logger, best, device, local_dir)
     import resource
 
