@@ -110,7 +110,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     wanted = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     report = evaluate(args.run, parse_steps(args.steps), samples=args.samples, seed=args.seed, metrics_wanted=wanted,
-                      teacher_max_nfe=args.teacher_max_nfe, log_mlflow=not args.no_mlflow)
+                      teacher_max_nfe=args.teacher_max_nfe, log_mlflow=not args.no_mlflow,
+                      with_teacher=not args.no_teacher)
     print(format_report(report))
     return 0
 
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--metrics", help="comma-separated: sw2,energy,mmd,w2_exact,histogram_kl,rmse_vs_ode or fid")
     ev.add_argument("--teacher-max-nfe", type=_positive_int, default=256)
     ev.add_argument("--no-mlflow", action="store_true", help="print only; do not log into the run")
+    ev.add_argument("--no-teacher", action="store_true", help="score only the learned map (no solver baselines)")
     ev.set_defaults(func=_evaluate)
 
     smp = sub.add_parser("sample", help="write N-step samples of a flow map to .npy or .parquet")

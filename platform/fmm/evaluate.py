@@ -308,7 +308,7 @@ def load_run(source: str):
 
 
 def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 0, metrics_wanted=None,
-             teacher_max_nfe: int = 256, log_mlflow: bool = True, log=print) -> Report:
+             teacher_max_nfe: int = 256, log_mlflow: bool = True, log=print, with_teacher: bool = True) -> Report:
     from fmm.groundtruth import BoxMixture, ExactVelocity, make_target, reference_flow_map
     from fmm.objectives import sampler_for
     from fmm.teachers import ModelVelocity
@@ -360,8 +360,8 @@ def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 
     scorer = Scorer(shape, reference, reference_map, log_density, extent, metrics_wanted,
                     labelled if exp.data.target is None else None)
     sampler, kind = sampler_for(exp.objective, interpolant, seed=seed + 2)
-    report = run_protocol(model, teacher, noise, steps, scorer, teacher_max_nfe, log, sampler=sampler,
-                          sampler_kind=kind)
+    report = run_protocol(model, teacher if with_teacher else None, noise, steps, scorer, teacher_max_nfe, log,
+                          sampler=sampler, sampler_kind=kind)
     if log_mlflow and tracked is not None:
         log_report(report, *tracked, model=model, steps=steps, sampler=sampler, sigma0=interpolant.sigma0)
     return report
