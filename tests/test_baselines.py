@@ -233,6 +233,7 @@ def test_progressive_distillation_halves_the_steps_each_round():
                 reference = flow_map_sample(objective.teacher_map, x0, steps=n_teacher).samples
             student = flow_map_sample(model, x0, steps=n_teacher // 2).samples
         rmse = (student - reference).pow(2).sum(1).mean().sqrt().item()
-        assert rmse < 0.1, f"round {r}: {n_teacher // 2}-step student vs {n_teacher}-step teacher, RMSE {rmse:.3f}"
+        print(f"round {r}: {n_teacher // 2}-step student vs {n_teacher}-step teacher, RMSE {rmse:.4f}")
+        assert rmse < 0.03, f"round {r}: {n_teacher // 2}-step student vs {n_teacher}-step teacher, RMSE {rmse:.3f}"
     mean_err, cov_err = moments(student)
     assert mean_err < 0.1 and cov_err < 0.2, (mean_err, cov_err)
