@@ -95,6 +95,23 @@ def test_a_trial_larger_than_the_cluster_is_refused(ray_cluster, tmp_path):
         run_sweep(sweep, tree, log=lambda *_: None)
 
 
+def test_on_an_autoscaling_cluster_trials_are_checked_against_its_node_types():
+    from fmm.experiment import load_experiment
+    from fmm.sweep import check_resources
+
+    gpu_trial = load_experiment(raw=dict(BASE, scaling={"num_workers": 4, "cpus_per_worker": 8, "use_gpu": True}))
+    types = [("head", {"CPU": 4.0}, 0), ("gpu_1x", {"CPU": 8.0, "GPU": 1.0}, 8), ("gpu_4x", {"CPU": 48.0, "GPU": 4.0}, 2)]
+    # none up yet: the autoscaler can still add 8 + 2 x 4 = 16 one-GPU workers, so 4 trials of 4 at a time
+    assert check_resources(gpu_trial, {"CPU": 4.0}, 8, types) == 4
+    assert check_resources(gpu_trial, {"CPU": 4.0}, 2, types) == 2
+    big = load_experiment(raw=dict(BASE, scaling={"num_workers": 1, "cpus_per_worker": 64, "use_gpu": True}))
+    with pytest.raises(ValueError, match="no node type of this cluster can hold one worker.*gpu_1x"):
+        check_resources(big, {"CPU": 4.0}, 2, types)
+    many = load_experiment(raw=dict(BASE, scaling={"num_workers": 32, "cpus_per_worker": 8, "use_gpu": True}))
+    with pytest.raises(ValueError, match="hold at most 16 such workers"):
+        check_resources(many, {"CPU": 4.0}, 2, types)
+
+
 def test_the_cli_reports_bad_sweeps_in_one_paragraph(tmp_path):
     path = write_sweep(tmp_path, space={"optim.lrr": {"float": [1e-3, 1e-2]}})
     out = subprocess.run([sys.executable, "-m", "fmm.cli", "sweep", path], capture_output=True, text=True)

@@ -243,18 +243,53 @@ def trial_resources(exp: ExperimentConfig, mode: str = "auto") -> tuple[bool, di
     return False, {"CPU": 0.01}
 
 
-def check_resources(exp: ExperimentConfig, cluster: dict[str, float], max_concurrent: int) -> int:
-    """The concurrency at which trials never wait on each other's workers; a trial the cluster can
-    never hold is an error."""
+def node_types() -> list[tuple[str, dict[str, float], int]] | None:
+    """(name, resources, max_count) of each node type of an autoscaling cluster, as its autoscaler
+    published them (what Ray Train itself checks against); None on a fixed cluster."""
+    try:
+        import ray._private.state
+
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # no autoscaler state on this cluster
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    return [(g.name, dict(g.resources), g.max_count) for g in config.node_group_configs]
+
+
+def check_resources(exp: ExperimentConfig, cluster: dict[str, float], max_concurrent: int,
+                    types: list[tuple[str, dict[str, float], int]] | None = None) -> int:
+    """The concurrency at which trials never wait on each other's workers. On an autoscaling cluster
+    (`types`) a worker must fit one node type and the types' node limits bound the concurrency; on a
+    fixed cluster the resources it has now do. A trial the cluster can never hold is an error."""
     scaling = exp.scaling
-    need_cpu = scaling.num_workers * scaling.cpus_per_worker
-    need_gpu = scaling.num_workers * ((scaling.gpus_per_worker or 1) if scaling.use_gpu else 0)
+    worker = {"CPU": float(scaling.cpus_per_worker)}
+    if scaling.use_gpu:
+        worker["GPU"] = float(scaling.gpus_per_worker or 1)
+    what = f"{scaling.num_workers} worker(s) of {worker}"
+    if types:
+        def per_node(resources: dict[str, float]) -> int:
+            return int(min(resources.get(k, 0.0) // v for k, v in worker.items()))
+
+        fitting = [(name, per_node(res), count) for name, res, count in types if per_node(res) >= 1]
+        if not fitting:
+            listing = "; ".join(f"{name}: {res}" for name, res, _ in types)
+            raise ValueError(f"one trial needs {what} and no node type of this cluster can hold one worker "
+                             f"({listing}): lower scaling.* or add a node type that fits.")
+        if any(count < 0 for _, _, count in fitting):
+            return max_concurrent
+        workers = sum(n * count for _, n, count in fitting)
+        if workers < scaling.num_workers:
+            raise ValueError(f"one trial needs {what} but the cluster's node types hold at most {workers} such "
+                             f"workers ({', '.join(f'{name} x{count}' for name, _, count in fitting)}).")
+        return max(1, min(max_concurrent, workers // scaling.num_workers))
+    need_cpu = scaling.num_workers * worker["CPU"]
+    need_gpu = scaling.num_workers * worker.get("GPU", 0.0)
     have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     if need_cpu > have_cpu or need_gpu > have_gpu:
-        raise ValueError(f"one trial needs {need_cpu} CPU and {need_gpu} GPU (scaling: {scaling.num_workers} "
-                         f"workers x {scaling.cpus_per_worker} CPU{', GPU' if scaling.use_gpu else ''}) but the "
-                         f"cluster offers {have_cpu:g} CPU and {have_gpu:g} GPU: lower scaling.* in the base or "
-                         f"the sweep's set, or add nodes.")
+        raise ValueError(f"one trial needs {need_cpu:g} CPU and {need_gpu:g} GPU ({what}) but the cluster offers "
+                         f"{have_cpu:g} CPU and {have_gpu:g} GPU: lower scaling.* in the base or the sweep's set, "
+                         f"or add nodes.")
     fits = int(have_cpu // need_cpu)
     if need_gpu:
         fits = min(fits, int(have_gpu // need_gpu))
@@ -343,7 +378,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False,
     if not ray.is_initialized():
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         ray.init(address=address, log_to_driver=True)
-    concurrency = check_resources(probe, ray.cluster_resources(), sweep.search.max_concurrent_trials)
+    concurrency = check_resources(probe, ray.cluster_resources(), sweep.search.max_concurrent_trials, node_types())
 
     uri = tracking.resolve_uri(sweep.tracking.uri)
     if exists:
