@@ -243,18 +243,31 @@ def trial_resources(exp: ExperimentConfig, mode: str = "auto") -> tuple[bool, di
     return False, {"CPU": 0.01}
 
 
+CLUSTER_CONFIG = "~/ray_bootstrap_config.yaml"  # where the Ray cluster launcher puts the head's cluster file
+
+
 def node_types() -> list[tuple[str, dict[str, float], int]] | None:
-    """(name, resources, max_count) of each node type of an autoscaling cluster, as its autoscaler
-    published them (what Ray Train itself checks against); None on a fixed cluster."""
+    """(name, resources, max_workers) of each node type of an autoscaling cluster, or None on a fixed one.
+
+    From the autoscaler's published config (autoscaler v2, as Ray Train itself checks), else from the
+    cluster file: $FMM_CLUSTER_CONFIG, or the launcher's ~/ray_bootstrap_config.yaml on the head."""
     try:
         import ray._private.state
 
         config = ray._private.state.state.get_cluster_config()
     except Exception:  # no autoscaler state on this cluster
+        config = None
+    if config is not None and config.node_group_configs:
+        return [(g.name, dict(g.resources), g.max_count) for g in config.node_group_configs]
+    path = os.path.expanduser(os.environ.get("FMM_CLUSTER_CONFIG", CLUSTER_CONFIG))
+    if not os.path.isfile(path):
         return None
-    if config is None or not config.node_group_configs:
-        return None
-    return [(g.name, dict(g.resources), g.max_count) for g in config.node_group_configs]
+    cluster = read_yaml(path, "cluster")
+    types = cluster.get("available_node_types") or {}
+    head = cluster.get("head_node_type")
+    return [(name, {k: float(v) for k, v in (spec.get("resources") or {}).items()},
+             1 if name == head else int(spec.get("max_workers", cluster.get("max_workers", 0))))
+            for name, spec in types.items()]
 
 
 def check_resources(exp: ExperimentConfig, cluster: dict[str, float], max_concurrent: int,
@@ -289,7 +302,8 @@ def check_resources(exp: ExperimentConfig, cluster: dict[str, float], max_concur
     if need_cpu > have_cpu or need_gpu > have_gpu:
         raise ValueError(f"one trial needs {need_cpu:g} CPU and {need_gpu:g} GPU ({what}) but the cluster offers "
                          f"{have_cpu:g} CPU and {have_gpu:g} GPU: lower scaling.* in the base or the sweep's set, "
-                         f"or add nodes.")
+                         f"or add nodes (on an autoscaling cluster whose node types fmm cannot read, point "
+                         f"FMM_CLUSTER_CONFIG at its cluster file).")
     fits = int(have_cpu // need_cpu)
     if need_gpu:
         fits = min(fits, int(have_gpu // need_gpu))

