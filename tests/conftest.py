@@ -16,6 +16,28 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
+def stop_ray_under(temp_dir: str) -> None:
+    """Kill every process of a Ray started with --temp-dir=temp_dir: those whose command line or open files
+    lie under it (its agents rename themselves but keep their logs open there). `ray stop` would stop every
+    Ray on the machine, the test session's own cluster included."""
+    import signal
+
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                owned = temp_dir.encode() in f.read()
+            if not owned:
+                fds = f"/proc/{pid}/fd"
+                owned = any(os.readlink(os.path.join(fds, fd)).startswith(temp_dir) for fd in os.listdir(fds))
+            if owned:
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    time.sleep(1)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import free_port
+from conftest import free_port, stop_ray_under
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -215,5 +215,4 @@ def test_a_sweep_larger_than_the_head_makes_the_autoscaler_add_nodes_that_go_awa
             monitor = f.read()
         assert "new nodes for launch" in monitor and "cpu_2x" in monitor, peak.stdout
     finally:
-        subprocess.run(["pkill", "-9", "-f", temp], capture_output=True)
-        time.sleep(2)
+        stop_ray_under(temp)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port
+from conftest import free_port, stop_ray_under
 from fmm.sweep import load_sweep, run_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,8 +257,7 @@ def test_ray_job_submit_runs_the_toy_sweep_on_a_started_head(tmp_path):
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
         assert "succeeded" in job.stdout and "run_trial_" in job.stdout and "2 trials (0 failed)" in job.stdout
     finally:  # `ray stop` would stop every Ray on the machine: end only the processes of this head
-        subprocess.run(["pkill", "-9", "-f", temp], capture_output=True)
-        time.sleep(2)
+        stop_ray_under(temp)
         shutil.rmtree(temp, ignore_errors=True)
 
 
