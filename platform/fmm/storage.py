@@ -79,14 +79,25 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def check_writable(uri: str, what: str) -> None:
-    """Write and delete a marker under `uri`, so a bad path or refused credentials fail before any work."""
+    """Write and delete a marker under `uri`, so a bad path or refused credentials fail before any work.
+    Local folders the check had to create are removed again: a refused run leaves nothing behind."""
     marker = join(uri, f".fmm-write-check-{uuid.uuid4().hex[:8]}")
+    fs, path = filesystem(marker)
+    created = None
+    if isinstance(fs, pafs.LocalFileSystem):
+        folder = os.path.dirname(path)
+        while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+            created, folder = folder, os.path.dirname(folder)
     try:
         write_bytes(marker, b"ok")
-        fs, path = filesystem(marker)
         fs.delete_file(path)
     except Exception as err:
         reason = (str(err).splitlines()[0] if str(err) else type(err).__name__).rstrip(".")
         raise ValueError(f"{what} {uri!r} cannot be written: {reason}. Give a folder you can write to, or an "
                          f"s3://bucket/prefix with valid credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
                          f"AWS_ENDPOINT_URL for an S3-compatible server).") from None
+    finally:
+        if created is not None:
+            import shutil
+
+            shutil.rmtree(created, ignore_errors=True)
