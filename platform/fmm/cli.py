@@ -85,6 +85,44 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from fmm.study import load_study, run_study
+
+    study = load_study(args.study, args.set)
+    comparison = run_study(study, resume=args.resume, address=args.address)
+    print()
+    print(comparison.render())
+    print()
+    uri = comparison.tracking_uri
+    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
+    print(f"[fmm] the study's runs are in MLflow ({uri}); browse them with: {ui}")
+    print(f"[fmm] print this table again with: fmm compare {study.name}"
+          f"{'' if uri == _default_uri() else ' --tracking-uri ' + uri}")
+    if comparison.failures:
+        print(f"[fmm] {len(comparison.failures)} method(s) failed: {', '.join(comparison.failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _default_uri() -> str:
+    from fmm.tracking import resolve_uri
+
+    return resolve_uri(None)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fmm.compare import find
+
+    comparison = find(args.target, args.tracking_uri, args.metric)
+    print(comparison.render())
+    if args.out:
+        for path in comparison.write(args.out):
+            print(f"wrote {path}")
+    if not args.no_log:
+        comparison.log_to_parent()
+    return 0
+
+
 def _data_prepare(args: argparse.Namespace) -> int:
     from fmm.data import prepare
 
@@ -165,6 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep key, e.g. search.num_samples=4")
     sw.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     sw.set_defaults(func=_sweep)
+
+    st = sub.add_parser("study", help="train a teacher and every method against it, evaluate all, compare in MLflow")
+    st.add_argument("study", help="study file (see experiments/studies/)")
+    st.add_argument("--resume", action="store_true", help="continue the study of this name and storage")
+    st.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a study key, e.g. evaluation.samples=2000")
+    st.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    st.set_defaults(func=_study)
+
+    cmp = sub.add_parser("compare", help="methods by sampling steps for a study or an MLflow experiment, from MLflow")
+    cmp.add_argument("target", metavar="EXPERIMENT_OR_STUDY", help="a study file or name, or an MLflow experiment name")
+    cmp.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    cmp.add_argument("--metric", help="quality metric (default: the one the evaluation used)")
+    cmp.add_argument("--out", metavar="DIR", help="also write comparison.csv, comparison.md and the figure here")
+    cmp.add_argument("--no-log", action="store_true", help="do not write the tables and figure to the study's run")
+    cmp.set_defaults(func=_compare)
 
     ev = sub.add_parser("evaluate", help="quality per number of steps against the teacher's solvers, into MLflow")
     ev.add_argument("run", help="run folder or URI (<storage.path>/<name>), a final.pt, or runs:/<mlflow run id>")

@@ -85,7 +85,7 @@ class Scorer:
                 wanted.append("histogram_kl")
         self.wanted, self.reference, self.reference_map = wanted, reference, reference_map
         self.log_density, self.extent = log_density, extent
-        self.primary = wanted[0] if self.is_image else "sw2"
+        self.primary = wanted[0]
         if "fid" in wanted:
             from fmm import fid
 
@@ -181,6 +181,15 @@ def run_protocol(model, teacher, noise: torch.Tensor, steps: list[int], scorer: 
     return Report(scorer.primary, len(noise), rows, speedup(rows, scorer.primary), sampler_kind)
 
 
+def first_within(rows: list[Row], primary: str, threshold: float) -> Row | None:
+    """The row of smallest NFE from which every larger NFE also scores at most `threshold`."""
+    rows = sorted(rows, key=lambda r: r.nfe)
+    for i, row in enumerate(rows):
+        if all(r.scores[primary] <= threshold for r in rows[i:]):
+            return row
+    return None
+
+
 def speedup(rows: list[Row], primary: str) -> dict[str, dict]:
     """Per method, the smallest NFE from which its score stays within 10% of the teacher's best, and the
     ratio of the cheapest teacher solver's NFE and wall-clock at that quality to it."""
@@ -189,17 +198,9 @@ def speedup(rows: list[Row], primary: str) -> dict[str, dict]:
         return {}
     best = min(r.scores[primary] for r in teacher)
     threshold = best + 0.1 * abs(best)
-
-    def first_within(candidates: list[Row]) -> Row | None:
-        candidates = sorted(candidates, key=lambda r: r.nfe)
-        for i, row in enumerate(candidates):
-            if all(r.scores[primary] <= threshold for r in candidates[i:]):
-                return row
-        return None
-
     out = {}
     for method in sorted({r.method for r in rows}):
-        hit = first_within([r for r in rows if r.method == method])
+        hit = first_within([r for r in rows if r.method == method], primary, threshold)
         out[method] = None if hit is None else {"nfe": hit.nfe, "seconds_per_sample": hit.seconds_per_sample,
                                                 primary: hit.scores[primary]}
     fixed = {m: v for m, v in out.items() if v is not None and m != "flow_map" and not m.startswith("dopri5")}
@@ -234,6 +235,21 @@ def quality_figure(report: Report):
     return fig
 
 
+def log_rows(logger, rows: list[Row], solver_prefix: str = "teacher") -> None:
+    """Each row's scores at step = NFE: the learned map's as `<metric>` (and `<metric>_stepsNNN`, `nfe`),
+    an ODE solver's as `<solver_prefix>/<solver>/<metric>`, each with its seconds per sample."""
+    for row in rows:
+        prefix = "" if row.method == "flow_map" else f"{solver_prefix}/{row.method}/"
+        if row.method != "flow_map" and row.nfe == 0:
+            continue
+        values = {f"{prefix}{k}": v for k, v in row.scores.items() if math.isfinite(v)}
+        values[f"{prefix}seconds_per_sample"] = row.seconds_per_sample
+        if row.method == "flow_map":
+            values["nfe"] = row.nfe
+            values.update({f"{k}_steps{row.steps:03d}": v for k, v in row.scores.items() if math.isfinite(v)})
+        logger.log_metrics(values, step=row.nfe)
+
+
 def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps: list[int] | None = None,
                sampler=None, sigma0: float = 1.0) -> None:
     """The primary metric at step = NFE (MLflow's chart is then the quality-vs-steps curve), the other
@@ -244,21 +260,12 @@ def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps
     from fmm.tracking import RunLogger
 
     logger = RunLogger(tracking_uri, run_id)
-    for row in report.rows:
-        prefix = "" if row.method == "flow_map" else f"teacher/{row.method}/"
-        if row.method != "flow_map" and row.nfe == 0:
-            continue
-        values = {f"{prefix}{k}": v for k, v in row.scores.items() if math.isfinite(v)}
-        values[f"{prefix}seconds_per_sample"] = row.seconds_per_sample
-        if row.method == "flow_map":
-            values["nfe"] = row.nfe
-            values.update({f"{k}_steps{row.steps:03d}": v for k, v in row.scores.items() if math.isfinite(v)})
-        logger.log_metrics(values, step=row.nfe)
+    log_rows(logger, report.rows)
     summary = report.speedup.get("summary")
     if summary:
         logger.log_metrics({"speedup/nfe_ratio": summary["nfe_ratio"],
                             "speedup/wallclock_ratio": summary["wallclock_ratio"]}, step=0)
-    logger.set_tags({"eval_sampler": report.sampler})
+    logger.set_tags({"eval_sampler": report.sampler, "eval_metric": report.primary, "eval_samples": report.samples})
     logger.flush()
     fig = quality_figure(report)
     logger.log_figure(fig, f"evaluation/{report.primary}_vs_steps.png")
@@ -288,9 +295,9 @@ def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps
         logger.log_artifact(csv, "evaluation")
 
 
-def load_run(source: str):
+def load_run(source: str, tracking_uri: str | None = None):
     """(flow map with EMA weights, experiment config or None, (tracking uri, run id) or None) for a run
-    folder/URI, a flow-map file, or runs:/<id>."""
+    folder/URI, a flow-map file, or runs:/<id> (on `tracking_uri`, by default as for training)."""
     from fmm.checkpoint import load_flow_map
     from fmm.experiment import ExperimentConfig
     from fmm.teachers import fetch_checkpoint
@@ -301,15 +308,67 @@ def load_run(source: str):
         path = fetch_checkpoint(f"runs:/{record['mlflow_run_id']}/checkpoints/final.pt", record["tracking_uri"])
         return (load_flow_map(path), ExperimentConfig(**record["experiment"]),
                 (record["tracking_uri"], record["mlflow_run_id"]))
-    path = fetch_checkpoint(source)
+    path = fetch_checkpoint(source, tracking_uri)
     payload = torch.load(path, map_location="cpu", weights_only=False)
     config = payload.get("config")
     return load_flow_map(path), (ExperimentConfig(**config) if config else None), None
 
 
+@dataclass
+class Protocol:
+    """What every method of one comparison shares: the noise (already scaled by sigma0), the scorer with
+    its reference set, and the exact velocity when the data is a toy target with ground truth."""
+
+    noise: torch.Tensor
+    scorer: Scorer
+    exact: object | None = None
+
+
+def build_protocol(exp, interpolant, shape: tuple[int, ...], samples: int, seed: int = 0, metrics_wanted=None,
+                   log=print) -> Protocol:
+    """The seeded noise set and reference for experiment `exp`'s data: exact draws and the float64
+    reference map of the same noise for a toy target, a seeded subset of the Parquet shards otherwise."""
+    from fmm.groundtruth import BoxMixture, ExactVelocity, make_target, reference_flow_map
+
+    g = torch.Generator().manual_seed(seed)
+    noise = interpolant.sigma0 * torch.randn((samples, *shape), generator=g)
+    if exp.data.target is not None:
+        target = make_target(exp.data.target)
+        if (target.dim,) != shape:
+            raise ValueError(f"the checkpoint's samples have shape {list(shape)} but {exp.data.target!r} has "
+                             f"[{target.dim}].")
+        exact = ExactVelocity(target, interpolant)
+        reference = target.sample(samples, torch.Generator().manual_seed(seed + 1))
+        reference_map = log_density = extent = None
+        if metrics_wanted is None or "rmse_vs_ode" in metrics_wanted:
+            log(f"[fmm] float64 reference map of {samples} noise points ...")
+            reference_map = reference_flow_map(exact, 0.0, 1.0, noise.double())
+        if isinstance(target, BoxMixture):
+            extent = float(target.highs.max())
+            volume = (target.highs - target.lows).prod(1)
+
+            def log_density(points):
+                inside = ((points[:, None] >= target.lows) & (points[:, None] <= target.highs)).all(-1)
+                return torch.log((inside.double() * (target.weights / volume)).sum(1))
+        return Protocol(noise, Scorer(shape, reference, reference_map, log_density, extent, metrics_wanted), exact)
+    from fmm.data import read_labels, read_part
+
+    data, manifest = read_part(exp.data.path)
+    if tuple(manifest["shape"]) != shape:
+        raise ValueError(f"the checkpoint's samples have shape {list(shape)} but the data at "
+                         f"{exp.data.path!r} has {manifest['shape']}.")
+    reference = data[torch.randperm(len(data), generator=g)[:samples]]
+    labelled = None
+    if len(shape) == 3:
+        try:
+            labelled = (data, read_labels(exp.data.path), manifest.get("dataset", "images"))
+        except ValueError:
+            labelled = None
+    return Protocol(noise, Scorer(shape, reference, wanted=metrics_wanted, labelled=labelled))
+
+
 def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 0, metrics_wanted=None,
              teacher_max_nfe: int = 256, log_mlflow: bool = True, log=print, with_teacher: bool = True) -> Report:
-    from fmm.groundtruth import BoxMixture, ExactVelocity, make_target, reference_flow_map
     from fmm.objectives import sampler_for
     from fmm.teachers import ModelVelocity
     from fmm.train import build_interpolant
@@ -319,49 +378,13 @@ def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 
     if exp is None:
         raise ValueError(f"{source!r} carries no experiment config: evaluate a training run or a final.pt it wrote.")
     interpolant = build_interpolant(exp)
-    shape = tuple(model.sample_shape)
-    g = torch.Generator().manual_seed(seed)
-    noise = interpolant.sigma0 * torch.randn((samples, *shape), generator=g)
-    reference_map = log_density = extent = None
-    if exp.data.target is not None:
-        target = make_target(exp.data.target)
-        if (target.dim,) != shape:
-            raise ValueError(f"the checkpoint's samples have shape {list(shape)} but {exp.data.target!r} has "
-                             f"[{target.dim}].")
-        teacher = ExactVelocity(target, interpolant)
-        reference = target.sample(samples, torch.Generator().manual_seed(seed + 1))
-        log(f"[fmm] float64 reference map of {samples} noise points ...")
-        reference_map = reference_flow_map(teacher, 0.0, 1.0, noise.double())
-        if isinstance(target, BoxMixture):
-            extent = float(target.highs.max())
-            volume = (target.highs - target.lows).prod(1)
-
-            def log_density(points):
-                inside = ((points[:, None] >= target.lows) & (points[:, None] <= target.highs)).all(-1)
-                dens = (inside.double() * (target.weights / volume)).sum(1)
-                return torch.log(dens)
-    else:
-        from fmm.data import read_part
-
-        data, manifest = read_part(exp.data.path)
-        if tuple(manifest["shape"]) != shape:
-            raise ValueError(f"the checkpoint's samples have shape {list(shape)} but the data at "
-                             f"{exp.data.path!r} has {manifest['shape']}.")
-        reference = data[torch.randperm(len(data), generator=g)[:samples]]
-        teacher = ModelVelocity(model)
-        labelled = None
-        if len(shape) == 3:
-            from fmm.data import read_labels
-
-            try:
-                labelled = (data, read_labels(exp.data.path), manifest.get("dataset", "images"))
-            except ValueError:
-                labelled = None
-    scorer = Scorer(shape, reference, reference_map, log_density, extent, metrics_wanted,
-                    labelled if exp.data.target is None else None)
+    if metrics_wanted is None and exp.data.target is not None:
+        metrics_wanted = ["sw2", "energy", "mmd", "w2_exact", "rmse_vs_ode"]
+    protocol = build_protocol(exp, interpolant, tuple(model.sample_shape), samples, seed, metrics_wanted, log)
+    teacher = protocol.exact if protocol.exact is not None else ModelVelocity(model)
     sampler, kind = sampler_for(exp.objective, interpolant, seed=seed + 2)
-    report = run_protocol(model, teacher if with_teacher else None, noise, steps, scorer, teacher_max_nfe, log,
-                          sampler=sampler, sampler_kind=kind)
+    report = run_protocol(model, teacher if with_teacher else None, protocol.noise, steps, protocol.scorer,
+                          teacher_max_nfe, log, sampler=sampler, sampler_kind=kind)
     if log_mlflow and tracked is not None:
         log_report(report, *tracked, model=model, steps=steps, sampler=sampler, sigma0=interpolant.sigma0)
     return report

@@ -366,8 +366,9 @@ class SearchSpace:
 
 
 def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False, address: str | None = None,
-              log=print):
-    """Run (or resume) the sweep; returns the ResultGrid after logging the summary into the parent run."""
+              log=print, parent_run_id: str | None = None):
+    """Run (or resume) the sweep; returns the ResultGrid after logging the summary into the sweep's run
+    (nested under `parent_run_id`, a study's run, when given)."""
     import optuna
     import ray
     import ray.tune
@@ -403,7 +404,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False,
         experiment_id = tracking.ensure_experiment(uri, sweep.tracking.experiment)
         parent = tracking.start_run(uri, experiment_id, sweep.name, tracking.flatten(
             {"sweep": sweep.model_dump(by_alias=True, exclude={"space"}), "base": base}),
-            {"sweep": sweep.name, "ray_storage": sweep_dir, "kind": "sweep"})
+            {"sweep": sweep.name, "ray_storage": sweep_dir, "kind": "sweep"}, parent_run_id)
         record = {"name": sweep.name, "tracking_uri": uri, "parent_run_id": parent, "experiment_id": experiment_id,
                   "sweep": sweep.model_dump(by_alias=True), "base": base}
         storage.write_bytes(record_path, json.dumps(record, indent=1).encode())

@@ -20,6 +20,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 PARAM_CHUNK = 100  # MLflow's limit of params per log_batch
+# One checkpoint download per teacher, sampler or evaluation: a progress bar for each is noise in the logs.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def resolve_uri(uri: str | None = None) -> str:

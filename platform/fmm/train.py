@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import subprocess
@@ -299,6 +300,8 @@ class TrainSession:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        # Ray Train logs two INFO lines per checkpoint; the loop prints its own progress (and warnings stay).
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
 
     def get_checkpoint(self):
         import ray.train
@@ -546,12 +549,13 @@ def loop_config(exp: ExperimentConfig, record: dict[str, Any]) -> dict[str, Any]
 
 
 def run_training(exp: ExperimentConfig, *, address: str | None = None, resume: bool = False,
-                 log=print) -> TrainResult:
-    """Validate, record, track and fit. `resume` continues the run of the same name and storage."""
+                 log=print, parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> TrainResult:
+    """Validate, record, track and fit. `resume` continues the run of the same name and storage; a new
+    run is nested under `parent_run_id` (a study's run) when given."""
     from fmm import tracking
 
     validate_before_start(exp)
-    record = open_run(exp, resume=resume)
+    record = open_run(exp, resume=resume, parent_run_id=parent_run_id, extra_tags=extra_tags)
     uri, run_id, run_dir = record["tracking_uri"], record["mlflow_run_id"], storage.join(exp.storage.path, exp.name)
     log(f"[fmm] run {exp.name}: storage {run_dir}, MLflow run {run_id} at {uri}")
 
@@ -559,6 +563,10 @@ def run_training(exp: ExperimentConfig, *, address: str | None = None, resume: b
     try:
         result = _fit(exp, record, address)
         status = "FINISHED"
+    except BaseException as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        tracking.set_tags(uri, run_id, {"failure_reason": reason[:5000]})
+        raise
     finally:
         tracking.end_run(uri, run_id, status)
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None

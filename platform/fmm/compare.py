@@ -1,0 +1,348 @@
+"""`fmm compare EXPERIMENT_OR_STUDY`: methods by sampling steps, read back from MLflow alone.
+
+A study's members logged their quality per step count into their own runs (metric at step = NFE,
+with `seconds_per_sample` beside it), the teacher's ODE solvers into the teacher's run
+(`teacher/<solver>/<metric>`) and, for toy targets, the exact velocity's solvers into the study's
+run (`exact/<solver>/<metric>`). This module finds those runs with `search_runs`, reads the metric
+histories and lays them out: the quality table (methods by step counts, with the teacher's best
+fixed-step solver within the same NFE for reference) and the speed-up at equal quality (the first
+NFE from which a method stays within 10% of the teacher's best score, against the cheapest
+fixed-step solver that does so, in NFE and in wall-clock per sample). The same tables go to the
+study's run as CSV and Markdown, with the quality-versus-steps figure.
+
+Given an MLflow experiment that holds no study, every evaluated run in it is a row, each against
+the teacher solvers `fmm evaluate` logged into it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from fmm.evaluate import Row, first_within, speedup
+
+FIXED_STEP = ("euler", "heun-le", "rk4-le")
+
+
+@dataclass
+class Curve:
+    """One method's (or one solver's) score and seconds per sample at each NFE, as MLflow holds them."""
+
+    label: str
+    run_id: str
+    scores: dict[int, float]
+    seconds: dict[int, float]
+    status: str = "FINISHED"
+    sampler: str = ""
+
+    def rows(self, method: str) -> list[Row]:
+        return [Row(method, nfe, nfe, self.seconds.get(nfe, math.nan), {"score": v}) for nfe, v in self.scores.items()]
+
+
+@dataclass
+class Comparison:
+    title: str
+    metric: str
+    samples: str
+    tracking_uri: str
+    parent_run_id: str | None
+    methods: list[Curve]
+    teacher: dict[str, Curve]                 # solver -> curve (the study's teacher, or each run's own)
+    exact: dict[str, Curve] = field(default_factory=dict)
+    own_teachers: dict[str, dict[str, Curve]] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted({n for c in self.methods for n in c.scores})
+
+    def teacher_within(self, solvers: dict[str, Curve], nfe: int) -> float:
+        """The teacher's best score among fixed-step solver runs spending at most `nfe` NFE."""
+        values = [v for name, c in solvers.items() if name in FIXED_STEP for n, v in c.scores.items() if n <= nfe]
+        return min(values) if values else math.nan
+
+    def solvers_for(self, curve: Curve, reference: str = "teacher") -> dict[str, Curve]:
+        if reference == "exact":
+            return self.exact
+        return self.own_teachers.get(curve.label) or self.teacher
+
+    def speedups(self, reference: str = "teacher") -> dict[str, dict | None]:
+        """Per method: evaluate.speedup's summary against the teacher's solvers (or the exact velocity's;
+        outside a study, each run's own), {"never": True} if it never comes within 10%, None with no curve."""
+        out = {}
+        for curve in self.methods:
+            solvers = self.solvers_for(curve, reference)
+            if not solvers or not curve.scores:
+                out[curve.label] = None
+                continue
+            result = speedup(curve.rows("flow_map") + [r for name, c in solvers.items() for r in c.rows(name)],
+                             "score")
+            out[curve.label] = result.get("summary") or {"never": True}
+        return out
+
+    # -- the tables ------------------------------------------------------------------------------------
+
+    def quality_rows(self) -> list[list[str]]:
+        header = ["method", "sampler"] + [str(n) for n in self.steps]
+        rows = [header]
+        for c in self.methods:
+            rows.append([c.label, c.sampler] + [_fmt(c.scores.get(n)) for n in self.steps])
+        for label in self.failures:
+            rows.append([label, "FAILED"] + ["-" for _ in self.steps])
+        for name, solvers in (("teacher ODE", self.teacher), ("exact ODE", self.exact)):
+            if solvers:
+                rows.append([name, "best solver"] + [_fmt(self.teacher_within(solvers, n)) for n in self.steps])
+        return rows
+
+    def speedup_rows(self, reference: str = "teacher") -> list[list[str]]:
+        header = ["method", "NFE", "ms/sample", f"{reference} solver", f"{reference} NFE", f"{reference} ms/sample",
+                  "NFE ratio", "wall-clock ratio"]
+        rows = [header]
+        for curve in self.methods:
+            s = self.speedups(reference)[curve.label]
+            if s is None:
+                rows.append([curve.label, "-", "-", f"no {reference} curve", "-", "-", "-", "-"])
+            elif s.get("never"):
+                rows.append([curve.label, "never", "-", "-", "-", "-", "-", "-"])
+            else:
+                solvers = self.solvers_for(curve, reference)
+                ms = 1000 * curve.seconds.get(s["flow_map_nfe"], math.nan)
+                solver_ms = 1000 * solvers[s["teacher_solver"]].seconds.get(s["teacher_nfe"], math.nan)
+                rows.append([curve.label, str(s["flow_map_nfe"]), _fmt(ms), s["teacher_solver"], str(s["teacher_nfe"]),
+                             _fmt(solver_ms), f"{s['nfe_ratio']:.1f}", f"{s['wallclock_ratio']:.2f}"])
+        return rows
+
+    def reference_line(self, solvers: dict[str, Curve], name: str) -> str:
+        """The solvers' best score, and from which NFE each fixed-step solver stays within 10% of it."""
+        best, solver, nfe = min((v, s, n) for s, c in solvers.items() for n, v in c.scores.items())
+        threshold = best + 0.1 * abs(best)
+        hits = {s: first_within(c.rows(s), "score", threshold) for s, c in solvers.items() if s in FIXED_STEP}
+        within = ", ".join(f"{s} from {hit.nfe}" for s, hit in sorted(hits.items(), key=lambda kv: kv[1].nfe
+                                                                          if kv[1] else math.inf) if hit)
+        return (f"{name}: best {self.metric} {best:.4g} ({solver}, {nfe} NFE); within 10% (<= {threshold:.4g}): "
+                f"{within or 'no fixed-step solver'}")
+
+    def render(self) -> str:
+        lines = [self.title, f"{self.metric} by sampling steps (NFE), {self.samples} samples; lower is better", ""]
+        lines += _text_table(self.quality_rows())
+        lines.append("")
+        for solvers, name in ((self.teacher, "teacher ODE"), (self.exact, "exact ODE")):
+            if solvers:
+                lines.append(self.reference_line(solvers, name))
+        lines += ["", "speed-up at equal quality: the first NFE from which a method stays within 10% of the "
+                  "teacher's best, against the cheapest fixed-step teacher solver that does"]
+        lines += _text_table(self.speedup_rows())
+        if self.exact and self.teacher is not self.exact:
+            lines += ["", "the same against the exact velocity's solvers"]
+            lines += _text_table(self.speedup_rows("exact"))
+        for label, reason in self.failures.items():
+            lines.append(f"{label}: FAILED ({reason})")
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        parts = [f"# {self.title}", "", f"{self.metric} by sampling steps (NFE), {self.samples} samples", ""]
+        parts += _markdown_table(self.quality_rows())
+        parts += ["", "Speed-up at equal quality (within 10% of the teacher's best)", ""]
+        parts += _markdown_table(self.speedup_rows())
+        if self.exact and self.teacher is not self.exact:
+            parts += ["", "Against the exact velocity", ""]
+            parts += _markdown_table(self.speedup_rows("exact"))
+        return "\n".join(parts) + "\n"
+
+    def csv(self) -> str:
+        lines = ["method,role,solver,nfe,value,seconds_per_sample"]
+        for c in self.methods:
+            lines += [f"{c.label},method,{c.sampler},{n},{v!r},{c.seconds.get(n, '')!r}" for n, v in sorted(c.scores.items())]
+        for role, solvers in (("teacher", self.teacher), ("exact", self.exact)):
+            for name, c in solvers.items():
+                lines += [f"{role},{role},{name},{n},{v!r},{c.seconds.get(n, '')!r}" for n, v in sorted(c.scores.items())]
+        return "\n".join(lines) + "\n"
+
+    def figure(self):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for c in self.methods:
+            pts = sorted(c.scores.items())
+            if pts:
+                ax.plot(*zip(*pts), marker="o", lw=1.8, label=c.label)
+        xs = sorted({n for s in self.teacher.values() for n in s.scores} | set(self.steps))
+        for solvers, name, style, color in ((self.teacher, "teacher ODE (best fixed-step solver)", "--", "black"),
+                                            (self.exact, "exact ODE (best fixed-step solver)", ":", "gray")):
+            if solvers and (name.startswith("teacher") or solvers is not self.teacher):
+                pts = [(n, self.teacher_within(solvers, n)) for n in xs]
+                pts = [p for p in pts if math.isfinite(p[1])]
+                if pts:
+                    ax.plot(*zip(*pts), linestyle=style, color=color, lw=1.5, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE (sampling steps)")
+        ax.set_ylabel(self.metric)
+        ax.set_title(self.title, fontsize=9)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        return fig
+
+    def write(self, folder: str) -> list[str]:
+        """comparison.csv, comparison.md and <metric>_vs_steps.png under `folder`; returns their paths."""
+        import matplotlib.pyplot as plt
+
+        os.makedirs(folder, exist_ok=True)
+        paths = [os.path.join(folder, "comparison.csv"), os.path.join(folder, "comparison.md"),
+                 os.path.join(folder, f"{self.metric}_vs_steps.png")]
+        with open(paths[0], "w") as f:
+            f.write(self.csv())
+        with open(paths[1], "w") as f:
+            f.write(self.markdown())
+        fig = self.figure()
+        fig.savefig(paths[2], dpi=120)
+        plt.close(fig)
+        return paths
+
+    def log_to_parent(self) -> None:
+        """The tables and the figure as artifacts of the study's run (comparison/)."""
+        if self.parent_run_id is None:
+            return
+        from fmm import tracking
+
+        with tempfile.TemporaryDirectory() as folder:
+            for path in self.write(folder):
+                tracking.client(self.tracking_uri).log_artifact(self.parent_run_id, path, "comparison")
+
+
+def _fmt(value) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
+
+def _text_table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+            for r in rows]
+
+
+def _markdown_table(rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" for _ in rows[0]) + "|"]
+    return out + ["| " + " | ".join(r) + " |" for r in rows[1:]]
+
+
+# -- reading MLflow ------------------------------------------------------------------------------
+
+def _history(client, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def _solver_curves(client, run, prefix: str, metric: str) -> dict[str, Curve]:
+    out = {}
+    for key in run.data.metrics:
+        if key.startswith(prefix + "/") and key.endswith("/" + metric) and key.count("/") == 2:
+            solver = key.split("/")[1]
+            out[solver] = Curve(solver, run.info.run_id, _history(client, run.info.run_id, key),
+                                _history(client, run.info.run_id, f"{prefix}/{solver}/seconds_per_sample"))
+    return out
+
+
+def _method_curve(client, run, metric: str, label: str) -> Curve:
+    rid = run.info.run_id
+    return Curve(label, rid, _history(client, rid, metric), _history(client, rid, "seconds_per_sample"),
+                 run.info.status, run.data.tags.get("eval_sampler", ""))
+
+
+def compare_study(uri: str, parent_run_id: str, metric: str | None = None) -> Comparison:
+    """The comparison of the study whose MLflow run is `parent_run_id`."""
+    from fmm import tracking
+
+    client = tracking.client(uri)
+    parent = client.get_run(parent_run_id)
+    metric = metric or parent.data.tags.get("eval_metric") or "sw2"
+    kids = client.search_runs([parent.info.experiment_id], f"tags.study = '{parent.data.tags.get('study')}'",
+                              max_results=5000)
+    kids = [r for r in kids if r.data.tags.get("study_member") and r.info.run_id != parent_run_id]
+    order = (parent.data.tags.get("methods") or "").split(",")
+    methods = sorted((r for r in kids if r.data.tags.get("study_role") == "method"),
+                     key=lambda r: (order.index(r.data.tags["study_member"]) if r.data.tags["study_member"] in order
+                                    else len(order), r.data.tags["study_member"]))
+    latest: dict[str, object] = {}
+    for run in methods:  # a resumed sweep may tag a second best trial: the newest stands
+        label = run.data.tags["study_member"]
+        if label not in latest or run.info.start_time > latest[label].info.start_time:
+            latest[label] = run
+    curves = [_method_curve(client, run, metric, label) for label, run in latest.items()]
+    teacher_runs = [r for r in kids if r.data.tags.get("study_role") == "teacher"]
+    teacher = _solver_curves(client, teacher_runs[0], "teacher", metric) if teacher_runs else {}
+    teacher = teacher or _solver_curves(client, parent, "teacher", metric)
+    exact = _solver_curves(client, parent, "exact", metric)
+    experiment = client.get_experiment(parent.info.experiment_id).name
+    title = f"study {parent.info.run_name} (MLflow experiment {experiment}, run {parent_run_id})"
+    comparison = Comparison(title, metric, parent.data.tags.get("eval_samples", "?"), uri, parent_run_id, curves,
+                            teacher or exact, exact)
+    failed = [f for f in (parent.data.tags.get("failed_members") or "").split(",") if f]
+    for label in failed:
+        run = next((r for r in kids if r.data.tags.get("study_member") == label), None)
+        comparison.failures[label] = (run.data.tags.get("failure_reason", "see its run") if run else "no run")
+    return comparison
+
+
+def compare_experiment(uri: str, experiment_id: str, name: str, metric: str | None = None) -> Comparison:
+    """Every evaluated top-level run of an experiment that holds no study, each against its own teacher curves."""
+    from fmm import tracking
+
+    client = tracking.client(uri)
+    runs = [r for r in client.search_runs([experiment_id], max_results=5000) if r.data.tags.get("eval_metric")]
+    if not runs:
+        raise ValueError(f"MLflow experiment {name!r} at {uri} holds no study and no evaluated run: run "
+                         f"`fmm study` or `fmm evaluate` first.")
+    metric = metric or runs[0].data.tags["eval_metric"]
+    curves, own = [], {}
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        label = run.info.run_name or run.info.run_id
+        curves.append(_method_curve(client, run, metric, label))
+        own[label] = _solver_curves(client, run, "teacher", metric)
+    return Comparison(f"MLflow experiment {name}", metric, runs[0].data.tags.get("eval_samples", "?"), uri, None,
+                      curves, {}, {}, own)
+
+
+def find(target: str, uri: str | None = None, metric: str | None = None) -> Comparison:
+    """A study file, a study's name, or an MLflow experiment's name -> its Comparison."""
+    from fmm import tracking
+
+    if target.endswith((".yaml", ".yml")):
+        from fmm.study import load_study
+
+        study = load_study(target)
+        uri, name = uri or study.tracking.uri, study.name
+        experiments = [study.tracking.experiment]
+    else:
+        name, experiments = target, None
+    uri = tracking.resolve_uri(uri)
+    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
+        raise ValueError(f"no MLflow store at {uri[len('sqlite:///'):]} to compare {target!r} from: run the study "
+                         f"there first, or give --tracking-uri (or MLFLOW_TRACKING_URI) where it ran.")
+    client = tracking.client(uri)
+    try:
+        known = {e.name: e.experiment_id for e in client.search_experiments()}
+    except Exception as err:
+        raise ValueError(f"cannot read MLflow at {uri}: {str(err).splitlines()[0]}") from None
+    ids = [known[e] for e in experiments if e in known] if experiments else list(known.values())
+    if ids:
+        studies = client.search_runs(ids, f"tags.kind = 'study' and tags.study = '{name}'",
+                                     order_by=["attributes.start_time DESC"], max_results=1)
+        if studies:
+            return compare_study(uri, studies[0].info.run_id, metric)
+    if experiments is None and name in known:
+        inside = client.search_runs([known[name]], "tags.kind = 'study'", order_by=["attributes.start_time DESC"],
+                                    max_results=1)
+        if inside:
+            return compare_study(uri, inside[0].info.run_id, metric)
+        return compare_experiment(uri, known[name], name, metric)
+    listing = ", ".join(sorted(known)) or "none"
+    raise ValueError(f"no study or MLflow experiment named {name!r} at {uri} (experiments there: {listing}); give "
+                     f"a study file, a study's name or an experiment's name, and --tracking-uri if the store is "
+                     f"elsewhere.")
+
+
+__all__ = ["Comparison", "compare_experiment", "compare_study", "find"]

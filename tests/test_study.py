@@ -1,0 +1,264 @@
+"""`fmm study` and `fmm compare` on real components: a tiny study through the CLI on the embedded default
+(its own local Ray, a SQLite MLflow store, local storage), another against a real `mlflow server` on
+loopback read back over its REST API, and the bad input refused before anything trains."""
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import free_port
+from fmm.study import StudyConfig, load_study, plan_study
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = {
+    "name": "tiny",
+    "base": {
+        "data": {"target": "flower"},
+        "network": {"name": "mlp", "dim": 2, "width": 64, "depth": 2},
+        "optim": {"lr": 3e-3},
+        "train": {"steps": 150, "batch_size": 256, "log_every": 50, "checkpoint_every": 150, "ema_decay": 0.9},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+    },
+    "teacher": {"train": {"objective": {"name": "flow_matching"}, "train": {"steps": 200}}},
+    "methods": {"lmd": {"objective": {"name": "lmd"}}, "lsd": {"objective": {"name": "lsd"}},
+                "cd": {"objective": {"name": "cd"}}},
+    "evaluation": {"steps": [1, 2, 4], "samples": 800, "metrics": ["sw2", "energy"], "teacher_max_nfe": 16},
+}
+
+
+def write_study(folder, **changes) -> str:
+    study = copy.deepcopy(TINY)
+    study.update(changes)
+    path = os.path.join(folder, "study.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(study, f)
+    return path
+
+
+def run_cli(*args, cwd, timeout=900):
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "fmm.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def table_cells(output: str, labels) -> dict[str, list[str]]:
+    """The quality table's row for each label, as the printed cells after the sampler column."""
+    rows = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if parts and parts[0] in labels and parts[0] not in rows and len(parts) >= 3:
+            rows[parts[0]] = parts[2:]
+    return rows
+
+
+def members(client, parent_id):
+    parent = client.get_run(parent_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.data.tags["study_member"]: r for r in runs}
+
+
+# -- bad input: refused before anything trains ---------------------------------------------------------
+
+@pytest.mark.parametrize("change,message", [
+    ({"methods": {"xyz": {"objective": {"name": "not_a_method"}}}}, r"method 'xyz'.*unknown objective 'not_a_method'"),
+    ({"methods": {}}, "methods is empty"),
+    ({"methods": {"lmd": {"network": {"width": 64}}}}, "method 'lmd' needs objective"),
+    ({"teacher": {"train": {"objective": {"name": "lmd"}}}}, "teacher: objective 'lmd' needs a teacher itself"),
+    ({"teacher": {"exact": "flower", "checkpoint": "x.pt"}}, "exactly one of train"),
+    ({"evaluation": {"metrics": ["fid"]}}, r"evaluation.metrics \['fid'\] do not apply to data of shape \[2\]"),
+    ({"evaluation": {"steps": [0, 2]}}, "steps are positive"),
+    ({"base": {**TINY["base"], "objective": {"name": "lmd"}}}, "base.objective"),
+    ({"bogus": 1}, "unknown key 'bogus'"),
+])
+def test_bad_studies_are_refused_before_anything_trains(tmp_path, change, message):
+    path = write_study(str(tmp_path), **change)
+    with pytest.raises(ValueError, match=message):
+        study = load_study(path)
+        plan_study(study, f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path))
+
+
+def test_members_with_conflicting_data_shapes_are_refused(tmp_path):
+    from fmm.data import prepare
+
+    prepare("digits", str(tmp_path / "digits"), shards=1)
+    methods = {"points": {"objective": {"name": "lsd"}},
+               "images": {"objective": {"name": "lsd"}, "data": {"path": str(tmp_path / "digits")},
+                          "network": {"name": "unet", "in_channels": 1, "image_size": 8, "channels": 16,
+                                      "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}}}
+    study = load_study(write_study(str(tmp_path), methods=methods))
+    with pytest.raises(ValueError, match=r"'teacher' trains on data of shape \[2\] but 'images' on \[1, 8, 8\]"):
+        plan_study(study, f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path))
+
+
+def test_the_cli_refuses_a_bad_study_in_one_paragraph_and_writes_nothing(tmp_path):
+    path = write_study(str(tmp_path), methods={"xyz": {"objective": {"name": "not_a_method"}}})
+    out = run_cli("study", path, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "unknown objective 'not_a_method'" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["study.yaml"]  # no studies/, no mlflow.db
+
+
+def test_compare_names_a_missing_experiment_and_what_exists(tmp_path):
+    out = run_cli("compare", "nowhere", cwd=tmp_path)
+    assert out.returncode == 2 and "no MLflow store" in out.stderr and "Traceback" not in out.stderr
+    MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").create_experiment("other")
+    out = run_cli("compare", "nowhere", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "no study or MLflow experiment named 'nowhere'" in out.stderr and "other" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["toy_flower", "digits", "cifar10", "imagenet32"])
+def test_the_shipped_studies_are_valid(tmp_path, name):
+    path = os.path.join(ROOT, "experiments", "studies", f"{name}.yaml")
+    study = load_study(path)
+    assert isinstance(study, StudyConfig)
+    if name == "digits":
+        from fmm.data import prepare
+
+        prepare("digits", str(tmp_path / "digits"), shards=1)
+        study.base["data"] = {"path": str(tmp_path / "digits")}
+    if name in ("cifar10", "imagenet32"):
+        # Data on S3 and GPU workers: each member's experiment and objective must build, and fit the
+        # node types of ray_cluster.yaml.
+        from fmm.objectives import make_objective
+        from fmm.study import Plan, teacher_reference
+        from fmm.sweep import check_resources
+        from fmm.train import build_interpolant
+        from test_cluster import cluster, node_types
+
+        plan = Plan(study, "http://127.0.0.1:5000")
+        teacher = plan.experiment("teacher", study.teacher.train, None)
+        for label, sections in study.methods.items():
+            exp = plan.experiment(label, sections, teacher_reference(study, plan.uri, "0" * 32))
+            make_objective(dict(exp.objective), build_interpolant(exp))
+            assert check_resources(exp, {"CPU": 4.0}, 2, node_types(cluster())) >= 1, label
+        assert teacher.train.steps == exp.train.steps and teacher.network == exp.network
+        return
+    plan = plan_study(study, f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path))
+    assert len(plan.methods) == len(study.methods)
+
+
+# -- a tiny study end to end ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_tiny_study_runs_on_the_embedded_default_and_compare_prints_what_mlflow_holds(tmp_path):
+    write_study(str(tmp_path))
+    out = run_cli("study", "study.yaml", cwd=tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    assert "mlflow ui --backend-store-uri sqlite:///" in out.stdout
+    compared = run_cli("compare", "tiny", cwd=tmp_path)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = client.search_runs([client.get_experiment_by_name("fmm-studies").experiment_id],
+                                "tags.kind = 'study'")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    parent = parent[0]
+    runs = members(client, parent.info.run_id)
+    assert set(runs) == {"teacher", "lmd", "lsd", "cd"}
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    printed = table_cells(compared.stdout, ["lmd", "lsd", "cd"])
+    assert printed == table_cells(out.stdout, ["lmd", "lsd", "cd"])  # the study's own table is the same
+    for label in ("lmd", "lsd", "cd"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(runs[label].info.run_id, "sw2"))
+        assert [step for step, _ in history] == [1, 2, 4]
+        assert printed[label] == [f"{value:.4g}" for _, value in history], label
+    assert runs["cd"].data.tags["eval_sampler"] == "consistency"
+    teacher_keys = set(runs["teacher"].data.metrics)
+    assert {"teacher/euler/sw2", "teacher/heun-le/sw2", "teacher/rk4-le/sw2"} <= teacher_keys
+    assert "exact/heun-le/sw2" in parent.data.metrics  # the exact velocity's solvers, on the same noise
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
+    assert artifacts == {"comparison/comparison.csv", "comparison/comparison.md", "comparison/sw2_vs_steps.png"}
+    local = client.download_artifacts(parent.info.run_id, "comparison/comparison.csv", str(tmp_path))
+    with open(local) as f:
+        lines = f.read().splitlines()
+    value = client.get_metric_history(runs["lsd"].info.run_id, "sw2")[0]
+    assert any(line.startswith(f"lsd,method,flow_map,{value.step},{value.value!r},") for line in lines)
+
+    # Resuming a finished study retrains nothing and gives the same table.
+    again = run_cli("study", "study.yaml", "--resume", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "finished earlier" in again.stdout and "training lmd" not in again.stdout
+    assert len(members(client, parent.info.run_id)) == 4
+    assert len(client.get_metric_history(runs["lmd"].info.run_id, "sw2")) == 3  # scored once
+    assert table_cells(again.stdout, ["lmd", "lsd", "cd"]) == printed
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server on loopback, with a SQLite backend and served artifacts."""
+    port = free_port()
+    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    proc = subprocess.Popen([mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                             "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("mlflow server did not come up")
+            time.sleep(1)
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(30)
+
+
+def rest(url: str, path: str, **query) -> dict:
+    from urllib.parse import urlencode
+
+    with urllib.request.urlopen(f"{url}/api/2.0/mlflow/{path}?{urlencode(query)}", timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_a_study_served_by_an_mlflow_server_reads_back_over_rest_as_compare_prints_it(ray_cluster, tmp_path,
+                                                                                       mlflow_server):
+    from fmm.study import run_study
+
+    study = load_study(write_study(str(tmp_path), name="served", teacher={"exact": "flower"},
+                                   storage={"path": str(tmp_path / "studies")},
+                                   tracking={"uri": mlflow_server, "experiment": "served"}))
+    comparison = run_study(study, log=lambda *_: None)
+    assert not comparison.failures
+    compared = run_cli("compare", "served", "--tracking-uri", mlflow_server, cwd=tmp_path)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    printed = table_cells(compared.stdout, ["lmd", "lsd", "cd"])
+
+    experiment = rest(mlflow_server, "experiments/get-by-name", experiment_name="served")["experiment"]
+    found = urllib.request.Request(f"{mlflow_server}/api/2.0/mlflow/runs/search", method="POST",
+                                   data=json.dumps({"experiment_ids": [experiment["experiment_id"]],
+                                                    "filter": "tags.study = 'served'"}).encode(),
+                                   headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(found, timeout=30) as response:
+        runs = json.loads(response.read())["runs"]
+    by_member = {}
+    for run in runs:
+        tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+        if "study_member" in tags:
+            by_member[tags["study_member"]] = run["info"]["run_id"]
+    assert set(by_member) == {"lmd", "lsd", "cd"}  # an exact teacher is not a training run
+    for label, run_id in by_member.items():
+        history = rest(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="sw2")["metrics"]
+        values = [m["value"] for m in sorted(history, key=lambda m: int(m["step"]))]
+        assert [int(m["step"]) for m in sorted(history, key=lambda m: int(m["step"]))] == [1, 2, 4]
+        assert printed[label] == [f"{v:.4g}" for v in values], label
+    assert re.search(r"exact ODE\s+best solver", compared.stdout)
