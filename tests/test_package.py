@@ -26,7 +26,7 @@ def test_platform_source_root_never_shadows_the_standard_library():
 def test_console_script_lists_its_subcommands():
     result = run_fmm("--help")
     assert result.returncode == 0
-    for command in ("demo", "list", "objectives", "train", "data", "sample"):
+    for command in ("demo", "list", "objectives", "train", "sweep", "study", "compare", "evaluate", "data", "sample"):
         assert command in result.stdout
 
 

@@ -234,11 +234,21 @@ def test_a_study_served_by_an_mlflow_server_reads_back_over_rest_as_compare_prin
                                                                                        mlflow_server):
     from fmm.study import run_study
 
-    study = load_study(write_study(str(tmp_path), name="served", teacher={"exact": "flower"},
+    methods = dict(TINY["methods"])  # lsd swept: its best trial stands for it
+    methods["lsd"] = {"objective": {"name": "lsd"}, "train": {"eval_every": 75, "eval_samples": 200},
+                      "sweep": {"space": {"optim.lr": {"float": [1e-3, 5e-3], "log": True}},
+                                "metric": "eval/sw2_steps001", "search": {"num_samples": 2, "max_concurrent_trials": 2},
+                                "scheduler": {"kind": "fifo"}}}
+    study = load_study(write_study(str(tmp_path), name="served", teacher={"exact": "flower"}, methods=methods,
                                    storage={"path": str(tmp_path / "studies")},
                                    tracking={"uri": mlflow_server, "experiment": "served"}))
     comparison = run_study(study, log=lambda *_: None)
     assert not comparison.failures
+    client = MlflowClient(mlflow_server)
+    sweeps = client.search_runs([client.get_experiment_by_name("served").experiment_id], "tags.kind = 'sweep'")
+    assert len(sweeps) == 1 and sweeps[0].data.tags["mlflow.parentRunId"] == comparison.parent_run_id
+    lsd = next(c for c in comparison.methods if c.label == "lsd")
+    assert lsd.run_id == sweeps[0].data.tags["best_mlflow_run_id"]
     compared = run_cli("compare", "served", "--tracking-uri", mlflow_server, cwd=tmp_path)
     assert compared.returncode == 0, compared.stderr[-3000:]
     printed = table_cells(compared.stdout, ["lmd", "lsd", "cd"])

@@ -216,12 +216,17 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep's local Ray shares its fate (and its process group)
     proc.wait(30)
     time.sleep(3)
+    client, _, kids = children(tmp_path, "resumed")
+    done_before = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "train/loss"))
+                   for r in kids if r.info.status == "FINISHED"}
     out = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "4 trials (0 failed)" in out.stdout
     _, _, kids = children(tmp_path, "resumed")
     assert len({r.data.tags["ray_trial_id"] for r in kids}) == 4 and len(kids) == 4
     assert all(r.info.status == "FINISHED" for r in kids)
+    for run_id, logged in done_before.items():  # a trial that had finished did not train again
+        assert len(client.get_metric_history(run_id, "train/loss")) == logged
 
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the CLI installed beside this interpreter

@@ -32,7 +32,11 @@ def load_flow_map(path: str, *, use_ema: bool = True, map_location: str | torch.
     """Rebuild the flow map saved at `path`, with its EMA weights when present and `use_ema`."""
     if not os.path.isfile(path):
         raise ValueError(f"no flow-map checkpoint at {path!r}: give the path of a file written by fmm.")
-    payload = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # truncated or foreign files raise several types (EOFError, UnpicklingError, ...)
+        raise ValueError(f"{path!r} cannot be read as a flow-map checkpoint (truncated or corrupt?): "
+                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not an fmm flow-map checkpoint (expected format {FORMAT!r}).")
     config = dict(payload["network"])

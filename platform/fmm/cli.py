@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from fmm import __version__
@@ -270,11 +271,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"fmm {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fmm {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:  # a failed run (e.g. retries exhausted) ends with its reason, not a traceback
+        if os.environ.get("FMM_DEBUG"):
+            raise
+        lines = str(err).strip().splitlines()
         if any(cls.__name__ in ("TrainingFailedError", "RayTaskError") for cls in type(err).__mro__):
-            print(f"fmm {args.command}: the run failed: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
-            return 1
-        raise
+            print(f"fmm {args.command}: the run failed: {lines[-1] if lines else type(err).__name__}", file=sys.stderr)
+        else:
+            print(f"fmm {args.command}: failed: {type(err).__name__}: {lines[0] if lines else ''} (set FMM_DEBUG=1 "
+                  f"for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

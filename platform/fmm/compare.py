@@ -6,8 +6,8 @@ with `seconds_per_sample` beside it), the teacher's ODE solvers into the teacher
 run (`exact/<solver>/<metric>`). This module finds those runs with `search_runs`, reads the metric
 histories and lays them out: the quality table (methods by step counts, with the teacher's best
 fixed-step solver within the same NFE for reference) and the speed-up at equal quality (the first
-NFE from which a method stays within 10% of the teacher's best score, against the cheapest
-fixed-step solver that does so, in NFE and in wall-clock per sample). The same tables go to the
+step count at which a method comes within 10% of the teacher's best score, against the cheapest
+fixed-step solver that stays within it, in NFE and in wall-clock per sample). The same tables go to the
 study's run as CSV and Markdown, with the quality-versus-steps figure.
 
 Given an MLflow experiment that holds no study, every evaluated run in it is a row, each against
@@ -131,8 +131,8 @@ class Comparison:
         for solvers, name in ((self.teacher, "teacher ODE"), (self.exact, "exact ODE")):
             if solvers:
                 lines.append(self.reference_line(solvers, name))
-        lines += ["", "speed-up at equal quality: the first NFE from which a method stays within 10% of the "
-                  "teacher's best, against the cheapest fixed-step teacher solver that does"]
+        lines += ["", "speed-up at equal quality: the first step count at which a method comes within 10% of the "
+                  "teacher's best, against the cheapest fixed-step teacher solver that stays within it"]
         lines += _text_table(self.speedup_rows())
         if self.exact and self.teacher is not self.exact:
             lines += ["", "the same against the exact velocity's solvers"]
@@ -178,7 +178,7 @@ class Comparison:
                 pts = [(n, self.teacher_within(solvers, n)) for n in xs]
                 pts = [p for p in pts if math.isfinite(p[1])]
                 if pts:
-                    ax.plot(*zip(*pts), linestyle=style, color=color, lw=1.5, label=name)
+                    ax.plot(*zip(*pts), linestyle=style, color=color, lw=1.5, label=name, drawstyle="steps-post")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("NFE (sampling steps)")

@@ -23,9 +23,10 @@ import os
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from fmm.config import StrictModel, validate
+from fmm.storage import refuse_credentials
 
 
 class DataConfig(StrictModel):
@@ -58,26 +59,36 @@ class OptimConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(256, ge=1)
+    steps: int = Field(1000, ge=1, le=10**10)
+    batch_size: int = Field(256, ge=1, le=2**24)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     checkpoint_every: int = Field(500, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(2, ge=1, le=1000)
     log_every: int = Field(50, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
     sample_steps: list[int] = [1, 2, 4]
     eval_every: int | None = Field(None, ge=1)      # periodic evaluation of the EMA map (rank 0)
     eval_steps: list[int] = [1, 2, 4]
-    eval_samples: int = Field(2000, ge=10)
+    eval_samples: int = Field(2000, ge=10, le=10**7)
     eval_metric: Literal["auto", "sw2", "energy", "mmd", "fd_classifier", "fid"] = "auto"
+
+    @field_validator("sample_steps", "eval_steps")
+    @classmethod
+    def _step_counts(cls, steps: list[int]) -> list[int]:
+        if not steps or any(not 1 <= k <= 4096 for k in steps):
+            raise ValueError(f"sampling step counts are integers from 1 to 4096, e.g. [1, 2, 4]; got {steps}")
+        return steps
+    max_rollbacks: int = Field(3, ge=0)            # non-finite loss or gradient: back to the last checkpoint
+    rollback_lr_factor: float = Field(0.5, gt=0, le=1)  # ... with the learning rate times this, each time
     fail_at_step: int | None = Field(None, ge=1)  # testing aid: raise once at this step to exercise recovery
+    nan_at_step: int | None = Field(None, ge=1)   # testing aid: a NaN batch once at this step (divergence)
 
 
 class ScalingConfig(StrictModel):
-    num_workers: int = Field(1, ge=1)
-    cpus_per_worker: int = Field(1, ge=1)
-    gpus_per_worker: float = Field(0, ge=0)
+    num_workers: int = Field(1, ge=1, le=10**5)
+    cpus_per_worker: int = Field(1, ge=1, le=4096)
+    gpus_per_worker: float = Field(0, ge=0, le=64)
     use_gpu: bool = False
     max_failures: int = Field(0, ge=-1)
 
@@ -106,6 +117,9 @@ class ExperimentConfig(StrictModel):
 
     @model_validator(mode="after")
     def _parts(self) -> ExperimentConfig:
+        for key, uri in (("data.path", self.data.path), ("storage.path", self.storage.path),
+                         ("tracking.uri", self.tracking.uri), ("teacher.path", (self.teacher or {}).get("path"))):
+            refuse_credentials(uri, key)
         if "name" not in self.network:
             raise ValueError("network needs a 'name' (mlp or unet) and its keyword arguments")
         if "name" not in self.objective:
@@ -127,15 +141,50 @@ def set_key(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+MAX_YAML_BYTES = 1 << 20      # a config file, not a data set
+MAX_YAML_VALUES = 100_000     # after anchors and aliases are expanded
+
+
 def read_yaml(path: str | None, what: str) -> dict[str, Any]:
-    """A YAML mapping from a file; a missing file or bad YAML is a ValueError naming it."""
+    """A YAML mapping from a file; a missing, oversized, binary or non-mapping file, bad YAML, or aliases
+    that expand beyond reason are each a ValueError naming the file."""
     if path is None or not os.path.isfile(path):
         raise ValueError(f"{what} file {path!r} not found.")
-    with open(path) as f:
-        try:
-            return yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{what} file {path!r} is not valid YAML: {err}") from None
+    if os.path.getsize(path) > MAX_YAML_BYTES:
+        raise ValueError(f"{what} file {path!r} is {os.path.getsize(path):,} bytes; a config file is at most "
+                         f"{MAX_YAML_BYTES:,}.")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} file {path!r} is not UTF-8 text (byte {err.start}): give a YAML file.") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{what} file {path!r} is not valid YAML: {' '.join(str(err).split())}") from None
+    if tree is None:
+        raise ValueError(f"{what} file {path!r} is empty: it needs a mapping of sections (see experiments/).")
+    if not isinstance(tree, dict):
+        raise ValueError(f"{what} file {path!r} holds a {type(tree).__name__}, not a mapping of sections "
+                         f"(see experiments/).")
+    _check_size(tree, f"{what} file {path!r}")
+    return tree
+
+
+def _check_size(tree: Any, where: str) -> None:
+    """Refuse a tree whose anchors and aliases expand to more than MAX_YAML_VALUES values."""
+    count, stack = 0, [tree]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_YAML_VALUES:
+            raise ValueError(f"{where} expands to more than {MAX_YAML_VALUES:,} values (anchors and aliases "
+                             f"included); a config is far smaller.")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str] | None, example: str) -> dict[str, Any]:

@@ -13,6 +13,24 @@ import uuid
 import pyarrow.fs as pafs
 
 
+CREDENTIAL_QUERY_KEYS = ("access_key", "secret_key", "session_token", "token", "password")
+
+
+def refuse_credentials(uri: str | None, key: str) -> None:
+    """A URI that carries credentials (user:password@host, or pyarrow's ?access_key=...&secret_key=...)
+    would be copied into MLflow params, run records and checkpoints: refuse it, naming the key."""
+    if not isinstance(uri, str) or "://" not in uri:
+        return
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(uri)
+    if "@" in parts.netloc or any(k.lower() in CREDENTIAL_QUERY_KEYS for k in parse_qs(parts.query)):
+        raise ValueError(f"{key} carries credentials in its URI; give them through the environment instead "
+                         f"(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for S3; MLFLOW_TRACKING_USERNAME and "
+                         f"MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, for an MLflow server), so that they "
+                         f"never reach MLflow, run records, checkpoints or logs.")
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 

@@ -88,15 +88,15 @@ class MethodSweep(StrictModel):
 
 class EvaluationSpec(StrictModel):
     steps: list[int] = [1, 2, 4, 8, 16]
-    samples: int = Field(4000, ge=10)
+    samples: int = Field(4000, ge=10, le=10**7)
     metrics: list[str] | None = None        # the first is the quality metric of the comparison
-    teacher_max_nfe: int = Field(64, ge=1)
+    teacher_max_nfe: int = Field(64, ge=1, le=4096)
     seed: int = 0
 
     @field_validator("steps")
     @classmethod
     def _positive(cls, steps: list[int]) -> list[int]:
-        if not steps or any(k < 1 for k in steps):
+        if not steps or any(not 1 <= k <= 4096 for k in steps):
             raise ValueError(f"steps are positive sampling step counts, e.g. [1, 2, 4, 8]; got {steps}")
         return sorted(set(steps))
 
@@ -113,6 +113,9 @@ class StudyConfig(StrictModel):
 
     @model_validator(mode="after")
     def _checks(self) -> StudyConfig:
+        for key, uri in (("storage.path", self.storage.path), ("tracking.uri", self.tracking.uri),
+                         ("teacher.checkpoint", self.teacher.checkpoint)):
+            storage.refuse_credentials(uri, key)
         if not self.methods:
             raise ValueError("methods is empty: name at least one method (label: {objective: {name: ...}})")
         for label, sections in self.methods.items():

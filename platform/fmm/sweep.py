@@ -95,8 +95,8 @@ class MetricSpec(StrictModel):
 class SearchSettings(StrictModel):
     sampler: Literal["tpe", "random"] = "tpe"
     seed: int = 0
-    num_samples: int = Field(8, ge=1)
-    max_concurrent_trials: int = Field(2, ge=1)
+    num_samples: int = Field(8, ge=1, le=100_000)
+    max_concurrent_trials: int = Field(2, ge=1, le=10_000)
 
 
 class SchedulerSettings(StrictModel):
@@ -124,6 +124,8 @@ class SweepConfig(StrictModel):
 
     @model_validator(mode="after")
     def _checks(self) -> SweepConfig:
+        storage.refuse_credentials(self.storage.path, "storage.path")
+        storage.refuse_credentials(self.tracking.uri, "tracking.uri")
         if not self.space:
             raise ValueError("space is empty: name at least one experiment key to search over")
         if isinstance(self.metric, list):

@@ -25,7 +25,11 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def resolve_uri(uri: str | None = None) -> str:
+    from fmm.storage import refuse_credentials
+
+    source = "tracking.uri" if uri else "MLFLOW_TRACKING_URI"
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    refuse_credentials(uri, source)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
     return uri
@@ -99,6 +103,10 @@ class RunLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         self.buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+
+    def discard_after(self, step: int) -> None:
+        """Forget the buffered metrics of steps after `step` (a rollback will log them again)."""
+        self.buffer = [m for m in self.buffer if m.step <= step]
 
     def flush(self) -> None:
         for i in range(0, len(self.buffer), 1000):

@@ -155,23 +155,99 @@ class State:
     optimiser: Any
     scheduler: Any
     step: int = 0
+    rollbacks: int = 0   # how often a non-finite step sent the run back to its last checkpoint
+
+
+CHECKSUM = "state.sha256"
+
+
+def state_payload(state: State, exp: ExperimentConfig, metrics: dict[str, float]) -> dict[str, Any]:
+    return {"format": "fmm-train/1", "model": state.model.state_dict(), "ema": state.ema.state_dict(),
+            "objective": state.objective.state_dict(), "optimiser": state.optimiser.state_dict(),
+            "scheduler": state.scheduler.state_dict(), "step": state.step, "rollbacks": state.rollbacks,
+            "config": exp.model_dump(), "network": state.model.net.config, "metrics": metrics}
 
 
 def save_state(state: State, exp: ExperimentConfig, folder: str, metrics: dict[str, float]) -> None:
-    torch.save({"format": "fmm-train/1", "model": state.model.state_dict(), "ema": state.ema.state_dict(),
-                "objective": state.objective.state_dict(), "optimiser": state.optimiser.state_dict(),
-                "scheduler": state.scheduler.state_dict(), "step": state.step, "config": exp.model_dump(),
-                "network": state.model.net.config, "metrics": metrics}, os.path.join(folder, "state.pt"))
+    """state.pt, then its SHA-256 in state.sha256: a checkpoint counts only once both are there and agree."""
+    import hashlib
+
+    path = os.path.join(folder, "state.pt")
+    torch.save(state_payload(state, exp, metrics), path)
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(folder, CHECKSUM), "w") as f:
+        f.write(digest + "\n")
+
+
+class CorruptCheckpoint(ValueError):
+    pass
+
+
+def verify_state(folder: str) -> str:
+    """The path of the folder's state.pt if its checksum holds; else CorruptCheckpoint naming the file."""
+    import hashlib
+
+    path = os.path.join(folder, "state.pt")
+    if not os.path.isfile(path):
+        raise CorruptCheckpoint(f"{path} is missing")
+    try:
+        with open(os.path.join(folder, CHECKSUM)) as f:
+            expected = f.read().strip()
+    except OSError:
+        raise CorruptCheckpoint(f"{path} has no {CHECKSUM} (written partly, or not by fmm)") from None
+    with open(path, "rb") as f:
+        actual = hashlib.sha256(f.read()).hexdigest()
+    if actual != expected:
+        raise CorruptCheckpoint(f"{path} does not match its checksum (truncated or corrupt)")
+    return path
 
 
 def load_state(state: State, folder: str) -> None:
-    payload = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
+    payload = torch.load(verify_state(folder), map_location="cpu", weights_only=False)
+    apply_payload(state, payload)
+
+
+def apply_payload(state: State, payload: dict[str, Any]) -> None:
     state.model.load_state_dict(payload["model"])
     state.ema.load_state_dict(payload["ema"])
     state.objective.load_state_dict(payload["objective"])
     state.optimiser.load_state_dict(payload["optimiser"])
     state.scheduler.load_state_dict(payload["scheduler"])
     state.step = payload["step"]
+    state.rollbacks = payload.get("rollbacks", 0)
+
+
+def restore_checkpoint(state: State, checkpoint, run_dir: str, log=print) -> str:
+    """Load the newest intact checkpoint: Ray's latest, or if that one fails its checksum, the newest
+    older step_* folder of the run that passes (with a warning naming the bad file). Returns its name."""
+    import ray.train
+
+    from fmm.storage import filesystem
+
+    with checkpoint.as_directory() as folder:
+        try:
+            load_state(state, folder)
+            return checkpoint.path
+        except CorruptCheckpoint as err:
+            bad = str(err)
+    fs, root = filesystem(run_dir)
+    import pyarrow.fs as pafs
+
+    latest = os.path.basename(checkpoint.path.rstrip("/"))
+    older = sorted((info.base_name for info in fs.get_file_info(pafs.FileSelector(root))
+                    if info.type == pafs.FileType.Directory and info.base_name.startswith("step_")
+                    and info.base_name < latest), reverse=True)
+    for name in older:
+        candidate = ray.train.Checkpoint(path=f"{root}/{name}", filesystem=fs)
+        with candidate.as_directory() as folder:
+            try:
+                load_state(state, folder)
+            except CorruptCheckpoint:
+                continue
+        log(f"[fmm] warning: checkpoint {bad}; resuming from the previous one, {run_dir}/{name}")
+        return candidate.path
+    raise CorruptCheckpoint(f"checkpoint {bad}, and no older intact checkpoint is left under {run_dir}")
 
 
 def export_flow_map(state_path: str, out_path: str) -> None:
@@ -300,8 +376,12 @@ class TrainSession:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        # Ray Train logs two INFO lines per checkpoint; the loop prints its own progress (and warnings stay).
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        # Ray Train logs two INFO lines per checkpoint (one under its module's file name); the loop prints
+        # its own progress, and warnings stay.
+        from ray.train.v2._internal.execution import context as train_context
+
+        for name in ("ray.train", train_context.__file__):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
     def get_checkpoint(self):
         import ray.train
@@ -336,6 +416,30 @@ class TuneTrialSession:
         ray.tune.report(metrics, checkpoint=checkpoint)
 
 
+def _snapshot(state: State, exp: ExperimentConfig) -> bytes:
+    """The training state, serialised in memory (on the CPU, whatever the device)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state_payload(state, exp, {}), buffer)
+    return buffer.getvalue()
+
+
+def _rollback(state: State, snapshot: bytes, lr_factor: float) -> None:
+    """Back to `snapshot`, one rollback more, every learning rate (the schedule's base) times `lr_factor`."""
+    import io
+
+    rollbacks = state.rollbacks + 1
+    device = next(state.model.parameters()).device
+    apply_payload(state, torch.load(io.BytesIO(snapshot), map_location=device, weights_only=False))
+    scheduler = state.scheduler  # a LambdaLR: lr = base * lambda(step); the snapshot's base has its own rollbacks
+    scheduler.base_lrs = [lr * lr_factor ** (rollbacks - state.rollbacks) for lr in scheduler.base_lrs]
+    state.rollbacks = rollbacks
+    for group, base, factor in zip(state.optimiser.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in state.optimiser.param_groups]
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     return run_loop(config, TrainSession())
 
@@ -367,15 +471,21 @@ def run_loop(config: dict[str, Any], session) -> dict[str, Any]:
 
     restored = session.get_checkpoint()
     if restored is not None:
-        with restored.as_directory() as folder:
-            load_state(state, folder)
+        restore_checkpoint(state, restored, config["run_dir"], log=print if rank == 0 else lambda *_: None)
     broadcast_parameters(model)
     broadcast_parameters(objective)
     broadcast_parameters(state.ema)
-    # Each worker draws its own noise and batches; after a restart the streams move on, not repeat.
-    torch.manual_seed(exp.train.seed + 1000 * rank + state.step)
-    data = DataSource(exp, rank, world, seed=exp.train.seed + 1000 * rank + state.step + 1)
+
+    def reseed() -> DataSource:
+        # Each worker draws its own noise and batches; after a restart or a rollback the streams move on.
+        offset = exp.train.seed + 1000 * rank + state.step + 7919 * state.rollbacks
+        torch.manual_seed(offset)
+        return DataSource(exp, rank, world, seed=offset + 1)
+
+    data = reseed()
     per_worker = exp.train.batch_size // world
+    last_good = _snapshot(state, exp)  # what a non-finite step rolls back to: the last checkpoint
+    nan_pending = exp.train.nan_at_step is not None
 
     logger, local_dir = None, None
     if rank == 0:
@@ -399,14 +509,32 @@ def run_loop(config: dict[str, Any], session) -> dict[str, Any]:
         if exp.train.fail_at_step == state.step + 1 and restored is None and rank == world - 1:
             raise RuntimeError(f"injected failure at step {state.step + 1} (train.fail_at_step)")
         batch = data.batch(per_worker).to(device)
+        if nan_pending and state.step + 1 == exp.train.nan_at_step and rank == world - 1:
+            batch, nan_pending = batch * float("nan"), False
         logs = train_step(model, objective, optimiser, batch, teacher=teacher, step=state.step,
                           grad_clip=exp.optim.grad_clip, bf16=autocast)
+        if logs["skipped"]:  # the same decision on every worker (train_step averages a NaN norm)
+            bad_step = state.step + 1
+            if state.rollbacks >= exp.train.max_rollbacks:
+                raise FloatingPointError(
+                    f"loss is {float(logs['loss'])} with gradient norm {float(logs['grad_norm'])} at step {bad_step}, "
+                    f"after {state.rollbacks} rollback(s) to the last checkpoint with the learning rate lowered "
+                    f"each time (train.max_rollbacks = {exp.train.max_rollbacks})")
+            _rollback(state, last_good, exp.train.rollback_lr_factor)
+            data = reseed()
+            window = []
+            if logger is not None:
+                logger.discard_after(state.step)
+                logger.log_metrics({"train/rollbacks": state.rollbacks, "train/lr": scheduler.get_last_lr()[0]},
+                                   state.step)
+                print(f"[fmm] step {bad_step}: loss or gradient not finite; back to step {state.step} with the "
+                      f"learning rate x{exp.train.rollback_lr_factor} (rollback {state.rollbacks} of at most "
+                      f"{exp.train.max_rollbacks})", flush=True)
+            continue
         scheduler.step()
         _update_ema(state.ema, model, ema_decay_at(exp.train.ema_decay, state.step))
         state.step += 1
         loss = float(logs["loss"])
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {state.step}")
         window.append(loss)
 
         if state.step % exp.train.log_every == 0 or state.step == exp.train.steps:
@@ -432,6 +560,8 @@ def run_loop(config: dict[str, Any], session) -> dict[str, Any]:
         checkpointing = state.step % exp.train.checkpoint_every == 0 or state.step == exp.train.steps
         if checkpointing or evaluating:
             report = {"step": state.step, "loss": loss, **latest_eval, "mlflow_run_id": config["mlflow_run_id"]}
+            if checkpointing:
+                last_good = _snapshot(state, exp)
             with tempfile.TemporaryDirectory() as folder:
                 if rank == 0 and checkpointing:
                     save_state(state, exp, folder, {"step": state.step, "loss": loss})

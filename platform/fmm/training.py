@@ -27,16 +27,28 @@ def train_step(model: TwoTimeMap, objective: Objective, optimiser: torch.optim.O
                teacher: VelocityField | None, step: int, grad_clip: float | None = None,
                bf16: bool = False) -> dict[str, Any]:
     """One step; with `bf16` the loss's forward passes run under bf16 autocast (JVPs stay fp32, see
-    TwoTimeMap.jvp) and the backward pass outside it, as PyTorch recommends."""
+    TwoTimeMap.jvp) and the backward pass outside it, as PyTorch recommends.
+
+    A non-finite loss or gradient is caught before the optimiser moves: the step is skipped and
+    `logs["skipped"]` is True. A worker whose own loss is not finite poisons its gradients with NaN
+    before they are averaged, so that every worker sees the same non-finite norm and skips together."""
     with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
         loss, logs = objective(model, batch, teacher=teacher, step=step)
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for group in optimiser.param_groups for p in group["params"]]
+    if not torch.isfinite(loss.detach()):
+        for p in params:
+            if p.grad is not None:
+                p.grad.fill_(float("nan"))
     all_reduce_gradients(params)
-    if grad_clip is not None:
-        logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, grad_clip).detach()
-    optimiser.step()
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf")).detach()
+    logs["grad_norm"] = norm
+    logs["skipped"] = not bool(torch.isfinite(norm))
+    if logs["skipped"]:
+        optimiser.zero_grad(set_to_none=True)
+    else:
+        optimiser.step()
     return logs
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
+
 from fmm.nets.base import TwoTimeNet
 from fmm.nets.mlp import TwoTimeMLP
 from fmm.nets.unet import TwoTimeUNet
 
 NETWORKS: dict[str, type[TwoTimeNet]] = {"mlp": TwoTimeMLP, "unet": TwoTimeUNet}
+MAX_PARAMETERS = 2**31
 
 
 def network_parameters(name: str) -> list[str]:
@@ -28,6 +31,14 @@ def make_network(name: str, **kwargs: Any) -> TwoTimeNet:
     for key in ("channel_mult", "attn_resolutions"):
         if isinstance(kwargs.get(key), list):
             kwargs[key] = tuple(kwargs[key])
+    try:
+        with torch.device("meta"):  # sized first, allocating nothing: a typo'd width must not exhaust memory
+            size = sum(p.numel() for p in NETWORKS[name](**kwargs).parameters())
+    except (TypeError, RuntimeError, OverflowError) as err:
+        raise ValueError(f"network {name!r} cannot be built from {kwargs}: {err}") from None
+    if size > MAX_PARAMETERS:
+        raise ValueError(f"network {name!r} with {kwargs} has {size:,} parameters, more than {MAX_PARAMETERS:,}: "
+                         f"check its sizes.")
     net = NETWORKS[name](**kwargs)
     net.config = {"name": name, **kwargs}
     return net

@@ -1,0 +1,232 @@
+"""Failures survived with nothing lost, on real components (local Ray, SQLite MLflow, local and loopback-S3
+storage): diverging steps rolled back, corrupt checkpoints passed over, killed workers restarted."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from fmm.flowmap import FlowMap
+from fmm.groundtruth import ExactVelocity, make_target
+from fmm.interpolants import Interpolant
+from fmm.nets import TwoTimeMLP
+from fmm.objectives import make_objective
+from fmm.train import run_training
+from fmm.training import train_step, trainable_parameters
+
+from test_train import experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def history(client, run_id, key):
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+# -- divergence -------------------------------------------------------------------------------------------
+
+def test_a_non_finite_step_leaves_the_weights_and_the_optimiser_untouched():
+    interp = Interpolant("linear")
+    target = make_target("flower")
+    model = FlowMap(TwoTimeMLP(dim=2, width=32, depth=2))
+    objective = make_objective({"name": "lmd"}, interp)
+    teacher = ExactVelocity(target, interp)
+    objective.prepare(model, teacher)
+    optimiser = torch.optim.Adam(trainable_parameters(model, objective), lr=1e-2)
+    x1 = target.sample(64, torch.Generator().manual_seed(0)).float()
+    assert not train_step(model, objective, optimiser, x1, teacher=teacher, step=0, grad_clip=1.0)["skipped"]
+    before = [p.detach().clone() for p in model.parameters()]
+    moments = [s["exp_avg"].clone() for s in optimiser.state.values()]
+    logs = train_step(model, objective, optimiser, x1 * float("nan"), teacher=teacher, step=1, grad_clip=1.0)
+    assert logs["skipped"] and not torch.isfinite(logs["grad_norm"])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, optimiser.state.values()))
+
+
+@pytest.mark.slow
+def test_a_nan_step_rolls_back_to_the_last_checkpoint_with_a_lower_learning_rate(ray_cluster, tmp_path):
+    exp = experiment(tmp_path, name="nan-once", train__nan_at_step=30, train__steps=60, optim={"lr": 4e-3})
+    result = run_training(exp, log=lambda *_: None)
+    assert result.return_value["step"] == 60
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert history(client, run.info.run_id, "train/rollbacks") == [(20, 1.0)]
+    lr = dict(history(client, run.info.run_id, "train/lr"))
+    assert lr[10] == pytest.approx(4e-3) and lr[60] == pytest.approx(2e-3)  # halved from the rollback on
+    steps = [s for s, _ in history(client, run.info.run_id, "train/loss")]
+    assert steps == [10, 20, 30, 40, 50, 60]  # each once: nothing logged past the checkpoint survived
+
+
+@pytest.mark.slow
+def test_a_run_that_keeps_diverging_fails_with_its_reason_in_mlflow(ray_cluster, tmp_path):
+    exp = experiment(tmp_path, name="diverges", optim={"lr": 1e30}, train__max_rollbacks=2)
+    with pytest.raises(Exception, match="rollback"):
+        run_training(exp, log=lambda *_: None)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    reason = runs[0].data.tags["failure_reason"]
+    assert "not finite" in reason or "after 2 rollback(s)" in reason, reason
+
+
+# -- checkpoint integrity ---------------------------------------------------------------------------------
+
+def run_cli(*args, cwd, timeout=600):
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "fmm.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_a_corrupt_checkpoint_is_detected_and_the_previous_one_is_used(ray_cluster, tmp_path):
+    exp = experiment(tmp_path, name="corrupt")
+    result = run_training(exp, log=lambda *_: None)
+    latest = os.path.join(result.run_dir, "step_00000060", "state.pt")
+    with open(latest, "r+b") as f:  # a truncated upload
+        f.truncate(os.path.getsize(latest) // 2)
+    out = run_cli("train", "--resume", result.run_dir, "--set", "train.steps=80", cwd=tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    text = out.stdout + out.stderr
+    assert re.search(r"warning: checkpoint .*step_00000060/state.pt does not match its checksum", text), text[-3000:]
+    assert "resuming from the previous one" in text and "step_00000040" in text
+    assert "steps 40 -> 80" in text
+    client = MlflowClient(result.tracking_uri)
+    assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
+    assert max(s for s, _ in history(client, result.mlflow_run_id, "train/loss")) == 80
+
+
+# -- secrets ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_credentials_in_the_environment_never_reach_mlflow_records_checkpoints_or_logs(tmp_path, s3_server):
+    import uuid
+
+    import boto3
+    import yaml
+
+    secrets = {key: f"fmm-secret-{key.lower()}-{uuid.uuid4().hex}" for key in
+               ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")}
+    import shutil
+    import tempfile
+
+    ray_temp = tempfile.mkdtemp(prefix="/tmp/fmms")  # short: Ray's socket paths must fit 107 bytes
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_temp, **secrets)
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    exp = {"name": "secretive", "data": {"target": "flower"},
+           "network": {"name": "mlp", "dim": 2, "width": 32, "depth": 2}, "objective": {"name": "lmd"},
+           "teacher": {"kind": "exact", "target": "flower"},
+           "train": {"steps": 40, "batch_size": 128, "checkpoint_every": 20, "log_every": 10},
+           "scaling": {"num_workers": 1, "cpus_per_worker": 1}, "storage": {"path": "s3://fmm/secretive"},
+           "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "secrets"}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    outputs = []
+    for argv in (["train", "exp.yaml"], ["evaluate", "s3://fmm/secretive/secretive", "--steps", "1,2",
+                                          "--samples", "200", "--teacher-max-nfe", "4"]):
+        out = subprocess.run([sys.executable, "-m", "fmm.cli", *argv], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+        outputs.append(out.stdout + out.stderr)
+
+    def leaks(data: bytes) -> list[str]:
+        return [key for key, value in secrets.items() if value.encode() in data]
+
+    found = {"console": leaks("".join(outputs).encode())}
+    scanned = 0
+    for root in (str(tmp_path), ray_temp):  # the MLflow store and its artifacts; Ray's session logs
+        for folder, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(folder, name)
+                if os.path.isfile(path) and not os.path.islink(path):
+                    with open(path, "rb") as f:
+                        found[path] = leaks(f.read())
+                    scanned += 1
+    shutil.rmtree(ray_temp, ignore_errors=True)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="fmm", Prefix="secretive/")["Contents"]]
+    assert any(k.endswith("state.pt") for k in keys) and any(k.endswith("fmm_run.json") for k in keys)
+    for key in keys:  # checkpoints and run records
+        found[f"s3://fmm/{key}"] = leaks(s3.get_object(Bucket="fmm", Key=key)["Body"].read())
+    assert any("/logs/" in p for p in found) and scanned > 20, sorted(found)[:20]
+    assert not {where: what for where, what in found.items() if what}
+
+
+# -- a lost worker ----------------------------------------------------------------------------------------
+
+def processes_under(temp_dir: str, title: str) -> list[int]:
+    """PIDs of the processes titled `title` (Ray's process titles) that keep files open under temp_dir."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if not f.read().startswith(title.encode()):
+                    continue
+            fds = f"/proc/{pid}/fd"
+            if any(os.readlink(os.path.join(fds, fd)).startswith(temp_dir) for fd in os.listdir(fds)):
+                pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_a_worker_killed_with_sigkill_restarts_from_the_last_checkpoint_in_the_same_mlflow_run(tmp_path):
+    import shutil
+    import tempfile
+
+    import yaml
+
+    from conftest import stop_ray_under
+
+    ray_temp = tempfile.mkdtemp(prefix="/tmp/fmmk")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_temp)
+    env.pop("RAY_ADDRESS", None)
+    exp = {"name": "killed", "data": {"target": "flower"},
+           "network": {"name": "mlp", "dim": 2, "width": 256, "depth": 3}, "objective": {"name": "lmd"},
+           "teacher": {"kind": "exact", "target": "flower"},
+           "train": {"steps": 200, "batch_size": 1024, "checkpoint_every": 50, "log_every": 10},
+           "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 1},
+           "storage": {"path": str(tmp_path / "runs")},
+           "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "killed"}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    proc = subprocess.Popen([sys.executable, "-m", "fmm.cli", "train", "exp.yaml"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, killed = [], []
+
+    def watch():
+        for line in proc.stdout:
+            lines.append(line)
+            if "step    120" in line and not killed:  # past the checkpoint at 100, metrics 110-120 unflushed
+                victims = processes_under(ray_temp, "ray::RayTrainWorker")
+                for pid in victims:
+                    os.kill(pid, signal.SIGKILL)
+                killed.extend(victims or [None])
+
+    reader = threading.Thread(target=watch, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=600)
+        reader.join(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        stop_ray_under(ray_temp)
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    text = "".join(lines)
+    assert killed and killed[0] is not None, text[-3000:]
+    assert proc.returncode == 0, text[-4000:]
+    assert "steps 100 -> 200" in text, text[-3000:]  # the new worker group resumed at the last checkpoint
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same MLflow run, continued
+    steps = [s for s, _ in history(client, runs[0].info.run_id, "train/loss")]
+    assert steps == list(range(10, 201, 10))  # no gap and no step logged twice
