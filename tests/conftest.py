@@ -93,16 +93,17 @@ def refusing_s3():
 
 class FlakyS3:
     """An S3 endpoint on loopback in front of moto that fails requests the way S3 does: in mode 'flaky'
-    every `every`-th request gets 503 SlowDown (transient), in mode 'refuse' every request gets 403
-    AccessDenied (permanent). `injected` counts the failures it answered."""
+    the first `burst` of every `every` requests get 503 SlowDown (transient: a request may fail `burst`
+    times in a row, more than pyarrow's default of 3 attempts survives), in mode 'refuse' every request
+    gets 403 AccessDenied (permanent). `injected` counts the failures it answered."""
 
-    def __init__(self, upstream: str, every: int = 3):
+    def __init__(self, upstream: str, every: int = 8, burst: int = 4):
         import http.client
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
         from urllib.parse import urlsplit
 
-        self.mode, self.every, self.injected, self.requests = "ok", every, 0, 0
+        self.mode, self.every, self.burst, self.injected, self.requests = "ok", every, burst, 0, 0
         self.lock = threading.Lock()
         target = urlsplit(upstream)
         proxy = self
@@ -143,7 +144,8 @@ class FlakyS3:
                 body = self._body()
                 with proxy.lock:
                     proxy.requests += 1
-                    fail = proxy.mode == "refuse" or (proxy.mode == "flaky" and proxy.requests % proxy.every == 0)
+                    fail = proxy.mode == "refuse" or (proxy.mode == "flaky"
+                                                      and proxy.requests % proxy.every < proxy.burst)
                     if fail:
                         proxy.injected += 1
                 if fail and proxy.mode == "refuse":

@@ -230,3 +230,88 @@ def test_a_worker_killed_with_sigkill_restarts_from_the_last_checkpoint_in_the_s
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same MLflow run, continued
     steps = [s for s, _ in history(client, runs[0].info.run_id, "train/loss")]
     assert steps == list(range(10, 201, 10))  # no gap and no step logged twice
+
+
+# -- flaky and failing storage ----------------------------------------------------------------------------
+
+def s3_run(tmp_path, flaky_s3, name, steps, checkpoint_every, watch=None, attempts="8"):
+    """`fmm train` on storage s3://fmm/<name> reached through the flaky endpoint, in its own process and Ray."""
+    import shutil
+    import tempfile
+
+    import yaml
+
+    from conftest import stop_ray_under
+
+    ray_temp = tempfile.mkdtemp(prefix="/tmp/fmmf")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_temp, AWS_ENDPOINT_URL=flaky_s3.url,
+               FMM_S3_ATTEMPTS=attempts)
+    env.pop("RAY_ADDRESS", None)
+    exp = {"name": name, "data": {"target": "flower"},
+           "network": {"name": "mlp", "dim": 2, "width": 128, "depth": 2}, "objective": {"name": "lmd"},
+           "teacher": {"kind": "exact", "target": "flower"},
+           "train": {"steps": steps, "batch_size": 512, "checkpoint_every": checkpoint_every, "log_every": 10},
+           "scaling": {"num_workers": 1, "cpus_per_worker": 1}, "storage": {"path": f"s3://fmm/{name}"},
+           "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": name}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    proc = subprocess.Popen([sys.executable, "-m", "fmm.cli", "train", "exp.yaml"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if watch is not None:
+                watch(line)
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        stop_ray_under(ray_temp)
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    return proc.returncode, "".join(lines)
+
+
+@pytest.mark.slow
+def test_transient_s3_errors_are_retried_and_the_run_finishes(tmp_path, flaky_s3, s3_server):
+    import boto3
+
+    flaky_s3.mode = "flaky"  # half of all S3 requests answer 503 SlowDown, four in a row, for the whole run
+    code, text = s3_run(tmp_path, flaky_s3, "flaky", steps=60, checkpoint_every=20)
+    assert code == 0, text[-4000:]
+    assert flaky_s3.injected >= 10, (flaky_s3.injected, flaky_s3.requests)
+    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
+        Bucket="fmm", Prefix="flaky/")["Contents"]}
+    assert {"flaky/flaky/step_00000040/state.pt", "flaky/flaky/step_00000060/state.pt",
+            "flaky/flaky/step_00000060/state.sha256", "flaky/flaky/fmm_run.json"} <= keys
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("flaky").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    print(f"{flaky_s3.injected} of {flaky_s3.requests} S3 requests answered 503; the run finished")
+
+
+@pytest.mark.slow
+def test_storage_that_refuses_mid_run_stops_it_clearly_and_the_last_checkpoint_stays_readable(
+        tmp_path, flaky_s3, s3_server):
+    import boto3
+
+    from fmm.train import verify_state
+
+    def refuse_later(line):
+        if "step    120" in line:  # past the checkpoint at step 100: from now on S3 refuses everything
+            flaky_s3.mode = "refuse"
+
+    code, text = s3_run(tmp_path, flaky_s3, "refused", steps=200, checkpoint_every=50, watch=refuse_later)
+    assert code == 1, text[-4000:]
+    verdict = [line for line in text.splitlines() if line.startswith("fmm train: ")]
+    assert len(verdict) == 1 and verdict[0].startswith("fmm train: the run failed:"), text[-3000:]
+    assert "ACCESS_DENIED" in verdict[0] or "Access Denied" in verdict[0], verdict
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("refused").experiment_id])[0]
+    assert run.info.status == "FAILED" and run.data.tags.get("failure_reason")
+    s3 = boto3.client("s3", endpoint_url=s3_server)  # the storage itself, not through the refusing endpoint
+    folder = tmp_path / "last"
+    folder.mkdir()
+    for name in ("state.pt", "state.sha256"):
+        s3.download_file("fmm", f"refused/refused/step_00000100/{name}", str(folder / name))
+    payload = torch.load(verify_state(str(folder)), map_location="cpu", weights_only=False)
+    assert payload["step"] == 100

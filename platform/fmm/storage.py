@@ -1,16 +1,22 @@
 """Where runs, checkpoints and data live: a local folder or `s3://bucket/prefix`, through pyarrow.fs.
 
-One resolver serves Ray Train's storage_path, the Parquet shards and checkpoint files, so a path
-that works for one works for all. For S3 the usual AWS environment applies (credentials, region,
-and AWS_ENDPOINT_URL for an S3-compatible endpoint, which pyarrow honours).
+One resolver serves Ray Train's and Tune's storage, the Parquet shards and checkpoint files, so a
+path that works for one works for all. For S3 the usual AWS environment applies (credentials,
+region, and AWS_ENDPOINT_URL for an S3-compatible endpoint). Transient S3 errors (503 SlowDown,
+500, throttling, timeouts) are retried with the AWS SDK's standard exponential back-off, up to
+S3_ATTEMPTS attempts per request (FMM_S3_ATTEMPTS); a permanent one (access denied, no such bucket)
+fails at once with its reason.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 
 import pyarrow.fs as pafs
+
+S3_ATTEMPTS = int(os.environ.get("FMM_S3_ATTEMPTS", "10"))
 
 
 CREDENTIAL_QUERY_KEYS = ("access_key", "secret_key", "session_token", "token", "password")
@@ -48,9 +54,56 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if not is_remote(uri):
         return pafs.LocalFileSystem(), uri
     try:
+        if uri.startswith("s3://"):
+            path = uri[len("s3://"):].rstrip("/")
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            return _s3(path.split("/", 1)[0], endpoint, region), path
         return pafs.FileSystem.from_uri(uri)
     except Exception as err:  # pyarrow raises several types; the user needs the URI and the cause
         raise ValueError(f"cannot open storage {uri!r}: {err}") from None
+
+
+class RetryingS3(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem retrying transient errors S3_ATTEMPTS times (pyarrow's default is 3). It
+    pickles as its own arguments: pyarrow's pickling would drop the retry strategy, and Ray sends the
+    filesystem to its train controller and workers."""
+
+    def __init__(self, bucket: str, endpoint: str | None, region: str | None, attempts: int):
+        from urllib.parse import urlsplit
+
+        self.arguments = (bucket, endpoint, region, attempts)
+        options = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
+                   "connect_timeout": 10.0, "request_timeout": 60.0}
+        if endpoint:
+            parts = urlsplit(endpoint)
+            options.update(endpoint_override=parts.netloc, scheme=parts.scheme or "https")
+            region = region or "us-east-1"
+        super().__init__(region=region or pafs.resolve_s3_region(bucket), **options)
+
+    def __reduce__(self):
+        return _s3, self.arguments
+
+
+@functools.lru_cache(maxsize=None)
+def _s3(bucket: str, endpoint: str | None, region: str | None, attempts: int = S3_ATTEMPTS) -> RetryingS3:
+    return RetryingS3(bucket, endpoint, region, attempts)
+
+
+def ray_storage(uri: str) -> dict:
+    """RunConfig keywords for Ray Train and Tune: a local folder as it is; a remote URI as a path inside
+    this module's filesystem (so that Ray's checkpoint uploads retry as ours do)."""
+    uri = absolute(uri)
+    if not is_remote(uri):
+        return {"storage_path": uri}
+    fs, path = filesystem(uri)
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
+def uri_of(uri_root: str, path: str) -> str:
+    """The URI of `path`, a path inside the filesystem of `uri_root` (as Ray reports checkpoint paths)."""
+    root = absolute(uri_root)
+    return f"{root.split('://', 1)[0]}://{path}" if is_remote(root) and "://" not in path else path
 
 
 def join(uri: str, *parts: str) -> str:

@@ -430,9 +430,11 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False,
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2" if storage.is_remote(sweep_dir) else "0")
     status = "FAILED"
     try:
-        if resume and ray.tune.Tuner.can_restore(tuner_path):
-            tuner = ray.tune.Tuner.restore(tuner_path, trainable=trainable, resume_unfinished=True,
-                                           resume_errored=False, restart_errored=False)
+        where = storage.ray_storage(tuner_path)
+        if resume and ray.tune.Tuner.can_restore(where["storage_path"], where.get("storage_filesystem")):
+            tuner = ray.tune.Tuner.restore(where["storage_path"], trainable=trainable, resume_unfinished=True,
+                                           resume_errored=False, restart_errored=False,
+                                           storage_filesystem=where.get("storage_filesystem"))
         else:
             metrics = sweep.metrics
             single = len(metrics) == 1
@@ -456,7 +458,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False,
                 metric=metrics[0].name if single else None, mode=metrics[0].mode if single else None)
             # The result loggers are named so that results load even where auto-loggers are switched off.
             tuner = ray.tune.Tuner(trainable, tune_config=tune_config, run_config=ray.tune.RunConfig(
-                name="tune", storage_path=sweep_dir, verbose=1,
+                name="tune", **storage.ray_storage(sweep_dir), verbose=1,
                 callbacks=[JsonLoggerCallback(), CSVLoggerCallback()]))
         grid = tuner.fit()
         status = "FINISHED"

@@ -246,7 +246,7 @@ def restore_checkpoint(state: State, checkpoint, run_dir: str, log=print) -> str
             except CorruptCheckpoint:
                 continue
         log(f"[fmm] warning: checkpoint {bad}; resuming from the previous one, {run_dir}/{name}")
-        return candidate.path
+        return f"{run_dir}/{name}"
     raise CorruptCheckpoint(f"checkpoint {bad}, and no older intact checkpoint is left under {run_dir}")
 
 
@@ -699,7 +699,7 @@ def run_training(exp: ExperimentConfig, *, address: str | None = None, resume: b
         raise
     finally:
         tracking.end_run(uri, run_id, status)
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    checkpoint = storage.uri_of(exp.storage.path, result.checkpoint.path) if result.checkpoint is not None else None
     if checkpoint:
         tracking.set_tags(uri, run_id, {"ray_checkpoint": checkpoint})
     return TrainResult(exp.name, run_dir, run_id, uri, result.return_value, checkpoint)
@@ -721,7 +721,7 @@ def make_trainer(exp: ExperimentConfig, record: dict[str, Any], callbacks=None):
         train_loop_config=loop_config(exp, record),
         scaling_config=RayScaling(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                   resources_per_worker=resources),
-        run_config=RunConfig(name=exp.name, storage_path=storage.absolute(exp.storage.path),
+        run_config=RunConfig(name=exp.name, **storage.ray_storage(exp.storage.path),
                              failure_config=FailureConfig(max_failures=scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=exp.train.keep_checkpoints),
                              callbacks=callbacks),
