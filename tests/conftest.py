@@ -93,11 +93,12 @@ def refusing_s3():
 
 class FlakyS3:
     """An S3 endpoint on loopback in front of moto that fails requests the way S3 does: in mode 'flaky'
-    the first `burst` of every `every` requests get 503 SlowDown (transient: a request may fail `burst`
-    times in a row, more than pyarrow's default of 3 attempts survives), in mode 'refuse' every request
-    gets 403 AccessDenied (permanent). `injected` counts the failures it answered."""
+    the first `burst` requests get 503 SlowDown one after another (more than pyarrow's default of 3
+    attempts survives) and then every `every`-th (transient); in mode 'refuse' every request gets 403
+    AccessDenied (permanent). `injected` counts the failures it answered. The AWS SDK backs off
+    exponentially (about 0.5, 1, 2, 4 s), so a burst of 4 costs about 7 s."""
 
-    def __init__(self, upstream: str, every: int = 8, burst: int = 4):
+    def __init__(self, upstream: str, every: int = 10, burst: int = 4):
         import http.client
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -144,8 +145,8 @@ class FlakyS3:
                 body = self._body()
                 with proxy.lock:
                     proxy.requests += 1
-                    fail = proxy.mode == "refuse" or (proxy.mode == "flaky"
-                                                      and proxy.requests % proxy.every < proxy.burst)
+                    fail = proxy.mode == "refuse" or (proxy.mode == "flaky" and (
+                        proxy.requests <= proxy.burst or proxy.requests % proxy.every == 0))
                     if fail:
                         proxy.injected += 1
                 if fail and proxy.mode == "refuse":

@@ -385,14 +385,23 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
     with tempfile.TemporaryDirectory() as scratch:
         plan = plan_study(study, uri, scratch)
 
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-        ray.init(address=address, log_to_driver=True)
-    cluster, types = ray.cluster_resources(), node_types()
-    limit = study.max_concurrent or len(plan.methods)
-    concurrency = min(check_resources(m.exp, cluster, limit, types) for m in plan.methods)
-    if plan.teacher is not None:
-        check_resources(plan.teacher.exp, cluster, 1, types)
+    cluster: dict[str, Any] = {}
+
+    def concurrency() -> int:
+        """Ray, started (or joined) when something is left to train, and how many methods fit at once."""
+        if not cluster:
+            if not ray.is_initialized():
+                os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+                ray.init(address=address, log_to_driver=True)
+            resources, types = ray.cluster_resources(), node_types()
+            limit = study.max_concurrent or len(plan.methods)
+            cluster["width"] = min(check_resources(m.exp, resources, limit, types) for m in plan.methods)
+            if plan.teacher is not None:
+                check_resources(plan.teacher.exp, resources, 1, types)
+        return cluster["width"]
+
+    if not exists:
+        concurrency()  # a member no node can hold is refused before anything is recorded
 
     if exists:
         record = storage.read_json(record_path, f"unreadable {record_path}")
@@ -415,9 +424,7 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
     save_record()
     log(f"[fmm] study {study.name}: teacher "
         f"{'trained first' if plan.teacher else (study.teacher.checkpoint or 'exact ' + str(study.teacher.exact))}, "
-        f"{len(plan.methods)} methods, {concurrency} at a time; storage {study_dir}; MLflow parent run {parent} at {uri}")
-
-    task = ray.remote(num_cpus=0, max_retries=0)(train_member)
+        f"{len(plan.methods)} methods; storage {study_dir}; MLflow parent run {parent} at {uri}")
     failures: dict[str, str] = {}
 
     def train_all(batch: list[Member], width: int) -> None:
@@ -431,6 +438,10 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
             else:
                 queue.append((member, state == "interrupted"))
         running: dict[Any, Member] = {}
+        if queue:
+            width = min(width, concurrency())
+            log(f"[fmm] training {len(queue)} member(s), {width} at a time")
+            task = ray.remote(num_cpus=0, max_retries=0)(train_member)
         while queue or running:
             while queue and len(running) < width:
                 member, again = queue.pop(0)
@@ -458,8 +469,9 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
         for member in plan.methods:
             exp = plan.experiment(member.label, study.methods[member.label], reference)
             methods.append(Member(member.label, member.role, exp, member.sweep))
-        train_all([m for m in methods if m.sweep is None], concurrency)
+        train_all([m for m in methods if m.sweep is None], len(methods))
         for member in (m for m in methods if m.sweep is not None and m.label not in members):
+            concurrency()
             sweep = member_sweep(study, member.label, member.sweep, uri)
             sweep_record = storage.join(storage.absolute(sweep.storage.path), sweep.name, "fmm_sweep.json")
             try:

@@ -218,36 +218,39 @@ def apply_payload(state: State, payload: dict[str, Any]) -> None:
     state.rollbacks = payload.get("rollbacks", 0)
 
 
-def restore_checkpoint(state: State, checkpoint, run_dir: str, log=print) -> str:
-    """Load the newest intact checkpoint: Ray's latest, or if that one fails its checksum, the newest
-    older step_* folder of the run that passes (with a warning naming the bad file). Returns its name."""
+def restore_checkpoint(state: State, checkpoint, run_dir: str, log=print) -> tuple[str, str | None] | None:
+    """Load the newest intact checkpoint of the run: among Ray's latest (`checkpoint`, may be None) and
+    the run's step_* folders, the newest whose checksum holds. A worker can die after its checkpoint is
+    on storage but before Ray's controller has registered it; that checkpoint is complete, and the
+    metrics up to it are in MLflow, so it is the one to continue from. A corrupt one is passed over
+    with a warning naming the file. Returns where the state came from and the warning, if any; None
+    when the run has no checkpoint yet."""
+    import pyarrow.fs as pafs
     import ray.train
 
-    from fmm.storage import filesystem
-
-    with checkpoint.as_directory() as folder:
-        try:
-            load_state(state, folder)
-            return checkpoint.path
-        except CorruptCheckpoint as err:
-            bad = str(err)
-    fs, root = filesystem(run_dir)
-    import pyarrow.fs as pafs
-
-    latest = os.path.basename(checkpoint.path.rstrip("/"))
-    older = sorted((info.base_name for info in fs.get_file_info(pafs.FileSelector(root))
-                    if info.type == pafs.FileType.Directory and info.base_name.startswith("step_")
-                    and info.base_name < latest), reverse=True)
-    for name in older:
-        candidate = ray.train.Checkpoint(path=f"{root}/{name}", filesystem=fs)
+    fs, root = storage.filesystem(run_dir)
+    latest = os.path.basename(checkpoint.path.rstrip("/")) if checkpoint is not None else None
+    names = {info.base_name for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+             if info.type == pafs.FileType.Directory and info.base_name.startswith("step_")}
+    if latest is not None:
+        names.add(latest)
+    if not names:
+        return None
+    bad: list[str] = []
+    for name in sorted(names, reverse=True):
+        candidate = checkpoint if name == latest else ray.train.Checkpoint(path=f"{root}/{name}", filesystem=fs)
         with candidate.as_directory() as folder:
             try:
                 load_state(state, folder)
-            except CorruptCheckpoint:
+            except CorruptCheckpoint as err:
+                bad.append(str(err))
                 continue
-        log(f"[fmm] warning: checkpoint {bad}; resuming from the previous one, {run_dir}/{name}")
-        return f"{run_dir}/{name}"
-    raise CorruptCheckpoint(f"checkpoint {bad}, and no older intact checkpoint is left under {run_dir}")
+        warning = None
+        if bad:
+            warning = f"checkpoint {'; '.join(bad)}; resuming from the previous one, {run_dir}/{name}"
+            log(f"[fmm] warning: {warning}")
+        return f"{run_dir}/{name}", warning
+    raise CorruptCheckpoint(f"no intact checkpoint under {run_dir} ({'; '.join(bad)})")
 
 
 def export_flow_map(state_path: str, out_path: str) -> None:
@@ -469,9 +472,9 @@ def run_loop(config: dict[str, Any], session) -> dict[str, Any]:
     optimiser, scheduler = build_optimiser(exp, trainable_parameters(model, objective), exp.train.steps)
     state = State(model, copy.deepcopy(model).requires_grad_(False), objective, optimiser, scheduler)
 
-    restored = session.get_checkpoint()
-    if restored is not None:
-        restore_checkpoint(state, restored, config["run_dir"], log=print if rank == 0 else lambda *_: None)
+    restored_from = restore_checkpoint(state, session.get_checkpoint(), config["run_dir"],
+                                       log=print if rank == 0 else lambda *_: None)
+    restored = restored_from is not None
     broadcast_parameters(model)
     broadcast_parameters(objective)
     broadcast_parameters(state.ema)
@@ -493,6 +496,9 @@ def run_loop(config: dict[str, Any], session) -> dict[str, Any]:
 
         logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"])
         local_dir = tempfile.mkdtemp(prefix="fmm-")  # on this worker's node: the best EMA map until the end
+        if restored_from is not None:
+            where, warning = restored_from
+            logger.set_tags({"restored_from": where, **({"corrupt_checkpoint": warning} if warning else {})})
     autocast = exp.train.precision == "bf16" and device.type == "cuda"
     periodic = None
     if rank == 0 and exp.train.eval_every:
@@ -506,7 +512,7 @@ def run_loop(config: dict[str, Any], session) -> dict[str, Any]:
               f"global batch {exp.train.batch_size}", flush=True)
 
     while state.step < exp.train.steps:
-        if exp.train.fail_at_step == state.step + 1 and restored is None and rank == world - 1:
+        if exp.train.fail_at_step == state.step + 1 and not restored and rank == world - 1:
             raise RuntimeError(f"injected failure at step {state.step + 1} (train.fail_at_step)")
         batch = data.batch(per_worker).to(device)
         if nan_pending and state.step + 1 == exp.train.nan_at_step and rank == world - 1:
