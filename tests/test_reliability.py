@@ -298,3 +298,127 @@ def test_storage_that_refuses_mid_run_stops_it_clearly_and_the_last_checkpoint_s
         s3.download_file("fmm", f"refused/refused/step_00000100/{name}", str(folder / name))
     payload = torch.load(verify_state(str(folder)), map_location="cpu", weights_only=False)
     assert payload["step"] == 100
+
+
+# -- a lost node ------------------------------------------------------------------------------------------
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the CLI installed beside this interpreter
+
+
+def own_ports() -> list[str]:
+    """Every port a Ray node opens, chosen here, so that another Ray on this machine cannot hold one."""
+    from conftest import free_port
+
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--object-manager-port={free_port()}"]
+
+
+def start_worker_node(address: str, env: dict) -> int:
+    """A second raylet joined to the head (one CPU); returns its node-manager port, which names it."""
+    from conftest import free_port
+
+    port = free_port()
+    out = subprocess.run([RAY, "start", f"--address={address}", "--num-cpus=1", f"--node-manager-port={port}",
+                          "--disable-usage-stats", *own_ports()], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return port
+
+
+def kill_node(node_manager_port: int) -> int:
+    """SIGKILL a node's raylet and every process under it (its workers and agents): a lost machine."""
+    parents = {}
+    raylets = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f"--node_manager_port={node_manager_port}".encode() in f.read():
+                    raylets.append(int(pid))
+        except OSError:
+            continue
+    doomed = set(raylets)
+    while True:
+        more = {pid for pid, parent in parents.items() if parent in doomed} - doomed
+        if not more:
+            break
+        doomed |= more
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return len(raylets)
+
+
+@pytest.mark.slow
+def test_a_lost_node_is_survived_elastically_or_by_waiting_for_a_node_to_return(tmp_path):
+    import shutil
+    import tempfile
+
+    import yaml
+
+    from conftest import free_port, stop_ray_under
+
+    temp = tempfile.mkdtemp(prefix="/tmp/fmmn")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="disabled", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="30")
+    port = free_port()
+    head = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                           f"--temp-dir={temp}", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats",
+                           f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
+                           *own_ports()], capture_output=True, text=True, env=env, timeout=180)
+    assert head.returncode == 0, head.stderr[-3000:]
+    address = f"127.0.0.1:{port}"
+    env["RAY_ADDRESS"] = address
+
+    def train(name: str, scaling: dict, on_line) -> str:
+        exp = {"name": name, "data": {"target": "flower"},
+               "network": {"name": "mlp", "dim": 2, "width": 256, "depth": 3}, "objective": {"name": "lmd"},
+               "teacher": {"kind": "exact", "target": "flower"},
+               "train": {"steps": 200, "batch_size": 1024, "checkpoint_every": 50, "log_every": 10},
+               "scaling": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 2, **scaling},
+               "storage": {"path": str(tmp_path / "runs")},
+               "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "nodes"}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(exp))
+        proc = subprocess.Popen([sys.executable, "-m", "fmm.cli", "train", f"{name}.yaml"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            on_line(line)
+        proc.wait(timeout=600)
+        text = "".join(lines)
+        assert proc.returncode == 0, text[-4000:]
+        return text
+
+    try:
+        # Elastic (min_workers 1): the node goes, training goes on with the worker left on the head.
+        node = start_worker_node(address, env)
+        lost = []
+        text = train("elastic", {"min_workers": 1},
+                     lambda line: "step    120" in line and not lost and lost.append(kill_node(node)))
+        assert lost == [1], text[-3000:]
+        assert "elastic: steps 100 -> 200, 1 worker(s)" in text, text[-3000:]
+
+        # Fixed size (the default): the run waits for a node to take the lost one's place, then resumes.
+        node = start_worker_node(address, env)
+        state = {}
+
+        def lose_then_replace(line):
+            if "step    120" in line and "lost" not in state:
+                state["lost"] = kill_node(node)
+                threading.Timer(10, lambda: state.setdefault("new", start_worker_node(address, env))).start()
+
+        text = train("fixed", {}, lose_then_replace)
+        assert state.get("lost") == 1 and "new" in state, text[-3000:]
+        assert "fixed: steps 100 -> 200, 2 worker(s)" in text, text[-3000:]
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        runs = client.search_runs([client.get_experiment_by_name("nodes").experiment_id])
+        assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+        for run in runs:
+            assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == list(range(10, 201, 10))
+    finally:
+        stop_ray_under(temp)
+        shutil.rmtree(temp, ignore_errors=True)

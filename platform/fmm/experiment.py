@@ -87,6 +87,7 @@ class TrainConfig(StrictModel):
 
 class ScalingConfig(StrictModel):
     num_workers: int = Field(1, ge=1, le=10**5)
+    min_workers: int | None = Field(None, ge=1)   # elastic: after a lost node, go on with as few as this
     cpus_per_worker: int = Field(1, ge=1, le=4096)
     gpus_per_worker: float = Field(0, ge=0, le=64)
     use_gpu: bool = False
@@ -124,6 +125,9 @@ class ExperimentConfig(StrictModel):
             raise ValueError("network needs a 'name' (mlp or unet) and its keyword arguments")
         if "name" not in self.objective:
             raise ValueError("objective needs a 'name' (see `fmm objectives`)")
+        if self.scaling.min_workers is not None and self.scaling.min_workers > self.scaling.num_workers:
+            raise ValueError(f"scaling.min_workers ({self.scaling.min_workers}) must not exceed scaling.num_workers "
+                             f"({self.scaling.num_workers})")
         if self.train.batch_size % self.scaling.num_workers:
             raise ValueError(f"train.batch_size ({self.train.batch_size}) must divide evenly over "
                              f"scaling.num_workers ({self.scaling.num_workers})")

@@ -6,7 +6,10 @@ before training) and `t_max` (the last time it may be evaluated; None when it is
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import tempfile
 from typing import Literal
 
@@ -29,6 +32,14 @@ class TeacherConfig(StrictModel):
     tracking_uri: str | None = None  # for runs:/ paths; default as for training
 
 
+@functools.lru_cache(maxsize=1)
+def _fetched() -> str:
+    """One folder per process for downloaded checkpoints, removed when the process ends."""
+    folder = tempfile.mkdtemp(prefix=f"fmm-fetched-{os.getpid()}-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
 def fetch_checkpoint(path: str, tracking_uri: str | None = None) -> str:
     """A local file holding the checkpoint at `path` (downloaded from S3 or MLflow if needed)."""
     if path.startswith("runs:/"):
@@ -37,7 +48,8 @@ def fetch_checkpoint(path: str, tracking_uri: str | None = None) -> str:
         run_id, _, artifact = path[len("runs:/"):].partition("/")
         uri = tracking.resolve_uri(tracking_uri)
         try:
-            return tracking.download_artifact(uri, run_id, artifact or "checkpoints/final.pt", tempfile.mkdtemp())
+            return tracking.download_artifact(uri, run_id, artifact or "checkpoints/final.pt",
+                                              tempfile.mkdtemp(dir=_fetched()))
         except Exception as err:
             raise ValueError(f"teacher {path!r}: cannot fetch it from MLflow at {uri}: "
                              f"{str(err).splitlines()[0]}") from None
@@ -46,7 +58,7 @@ def fetch_checkpoint(path: str, tracking_uri: str | None = None) -> str:
             data = storage.read_bytes(path)
         except Exception as err:
             raise ValueError(f"no flow-map checkpoint at {path!r}: {str(err).splitlines()[0]}") from None
-        local = os.path.join(tempfile.mkdtemp(), os.path.basename(path))
+        local = os.path.join(tempfile.mkdtemp(dir=_fetched()), os.path.basename(path))
         with open(local, "wb") as f:
             f.write(data)
         return local

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -509,87 +510,91 @@ def run_loop(config: dict[str, Any], session) -> dict[str, Any]:
     last_time, last_step = time.perf_counter(), state.step
     if rank == 0:
         print(f"[fmm] {exp.name}: steps {state.step} -> {exp.train.steps}, {world} worker(s) on {device}, "
-              f"global batch {exp.train.batch_size}", flush=True)
+              f"global batch {per_worker * world}", flush=True)
 
-    while state.step < exp.train.steps:
-        if exp.train.fail_at_step == state.step + 1 and not restored and rank == world - 1:
-            raise RuntimeError(f"injected failure at step {state.step + 1} (train.fail_at_step)")
-        batch = data.batch(per_worker).to(device)
-        if nan_pending and state.step + 1 == exp.train.nan_at_step and rank == world - 1:
-            batch, nan_pending = batch * float("nan"), False
-        logs = train_step(model, objective, optimiser, batch, teacher=teacher, step=state.step,
-                          grad_clip=exp.optim.grad_clip, bf16=autocast)
-        if logs["skipped"]:  # the same decision on every worker (train_step averages a NaN norm)
-            bad_step = state.step + 1
-            if state.rollbacks >= exp.train.max_rollbacks:
-                raise FloatingPointError(
-                    f"loss is {float(logs['loss'])} with gradient norm {float(logs['grad_norm'])} at step {bad_step}, "
-                    f"after {state.rollbacks} rollback(s) to the last checkpoint with the learning rate lowered "
-                    f"each time (train.max_rollbacks = {exp.train.max_rollbacks})")
-            _rollback(state, last_good, exp.train.rollback_lr_factor)
-            data = reseed()
-            window = []
-            if logger is not None:
-                logger.discard_after(state.step)
-                logger.log_metrics({"train/rollbacks": state.rollbacks, "train/lr": scheduler.get_last_lr()[0]},
-                                   state.step)
-                print(f"[fmm] step {bad_step}: loss or gradient not finite; back to step {state.step} with the "
-                      f"learning rate x{exp.train.rollback_lr_factor} (rollback {state.rollbacks} of at most "
-                      f"{exp.train.max_rollbacks})", flush=True)
-            continue
-        scheduler.step()
-        _update_ema(state.ema, model, ema_decay_at(exp.train.ema_decay, state.step))
-        state.step += 1
-        loss = float(logs["loss"])
-        window.append(loss)
+    try:
+        while state.step < exp.train.steps:
+            if exp.train.fail_at_step == state.step + 1 and not restored and rank == world - 1:
+                raise RuntimeError(f"injected failure at step {state.step + 1} (train.fail_at_step)")
+            batch = data.batch(per_worker).to(device)
+            if nan_pending and state.step + 1 == exp.train.nan_at_step and rank == world - 1:
+                batch, nan_pending = batch * float("nan"), False
+            logs = train_step(model, objective, optimiser, batch, teacher=teacher, step=state.step,
+                              grad_clip=exp.optim.grad_clip, bf16=autocast)
+            if logs["skipped"]:  # the same decision on every worker (train_step averages a NaN norm)
+                bad_step = state.step + 1
+                if state.rollbacks >= exp.train.max_rollbacks:
+                    raise FloatingPointError(
+                        f"loss is {float(logs['loss'])} with gradient norm {float(logs['grad_norm'])} at step {bad_step}, "
+                        f"after {state.rollbacks} rollback(s) to the last checkpoint with the learning rate lowered "
+                        f"each time (train.max_rollbacks = {exp.train.max_rollbacks})")
+                _rollback(state, last_good, exp.train.rollback_lr_factor)
+                data = reseed()
+                window = []
+                if logger is not None:
+                    logger.discard_after(state.step)
+                    logger.log_metrics({"train/rollbacks": state.rollbacks, "train/lr": scheduler.get_last_lr()[0]},
+                                       state.step)
+                    print(f"[fmm] step {bad_step}: loss or gradient not finite; back to step {state.step} with the "
+                          f"learning rate x{exp.train.rollback_lr_factor} (rollback {state.rollbacks} of at most "
+                          f"{exp.train.max_rollbacks})", flush=True)
+                continue
+            scheduler.step()
+            _update_ema(state.ema, model, ema_decay_at(exp.train.ema_decay, state.step))
+            state.step += 1
+            loss = float(logs["loss"])
+            window.append(loss)
 
-        if state.step % exp.train.log_every == 0 or state.step == exp.train.steps:
-            now = time.perf_counter()
-            rate = (state.step - last_step) * exp.train.batch_size / max(now - last_time, 1e-9)
-            last_time, last_step = now, state.step
-            metrics = {"train/loss": sum(window) / len(window), "train/lr": scheduler.get_last_lr()[0],
-                       "train/samples_per_s": rate}
-            if "grad_norm" in logs:
-                metrics["train/grad_norm"] = float(logs["grad_norm"])
-            metrics.update({f"train/{k}": float(v) for k, v in logs.items() if k.startswith("mse_")})
-            window = []
-            if logger is not None:
-                logger.log_metrics(metrics, state.step)
-                print(f"[fmm] step {state.step:6d}  loss {metrics['train/loss']:.4f}  "
-                      f"lr {metrics['train/lr']:.2e}  {rate:,.0f} samples/s", flush=True)
+            if state.step % exp.train.log_every == 0 or state.step == exp.train.steps:
+                now = time.perf_counter()
+                rate = (state.step - last_step) * exp.train.batch_size / max(now - last_time, 1e-9)
+                last_time, last_step = now, state.step
+                metrics = {"train/loss": sum(window) / len(window), "train/lr": scheduler.get_last_lr()[0],
+                           "train/samples_per_s": rate}
+                if "grad_norm" in logs:
+                    metrics["train/grad_norm"] = float(logs["grad_norm"])
+                metrics.update({f"train/{k}": float(v) for k, v in logs.items() if k.startswith("mse_")})
+                window = []
+                if logger is not None:
+                    logger.log_metrics(metrics, state.step)
+                    print(f"[fmm] step {state.step:6d}  loss {metrics['train/loss']:.4f}  "
+                          f"lr {metrics['train/lr']:.2e}  {rate:,.0f} samples/s", flush=True)
 
-        evaluating = bool(exp.train.eval_every) and state.step % exp.train.eval_every == 0
-        if periodic is not None and evaluating:
-            latest_eval = periodic(state.ema)
-            logger.log_metrics(latest_eval, state.step)
+            evaluating = bool(exp.train.eval_every) and state.step % exp.train.eval_every == 0
+            if periodic is not None and evaluating:
+                latest_eval = periodic(state.ema)
+                logger.log_metrics(latest_eval, state.step)
 
-        checkpointing = state.step % exp.train.checkpoint_every == 0 or state.step == exp.train.steps
-        if checkpointing or evaluating:
-            report = {"step": state.step, "loss": loss, **latest_eval, "mlflow_run_id": config["mlflow_run_id"]}
-            if checkpointing:
-                last_good = _snapshot(state, exp)
-            with tempfile.TemporaryDirectory() as folder:
-                if rank == 0 and checkpointing:
-                    save_state(state, exp, folder, {"step": state.step, "loss": loss})
-                    logger.flush()
-                session.report(report, folder if rank == 0 and checkpointing else None, f"step_{state.step:08d}")
-                if not checkpointing:
-                    continue
-                if rank == 0:
-                    logger.set_tags({"checkpoint_latest": storage.join(config["run_dir"], f"step_{state.step:08d}")})
-                if rank == 0 and loss < best["loss"]:
-                    best = {"loss": loss, "step": state.step}
-                    export_flow_map(os.path.join(folder, "state.pt"), os.path.join(local_dir, "best.pt"))
+            checkpointing = state.step % exp.train.checkpoint_every == 0 or state.step == exp.train.steps
+            if checkpointing or evaluating:
+                report = {"step": state.step, "loss": loss, **latest_eval, "mlflow_run_id": config["mlflow_run_id"]}
+                if checkpointing:
+                    last_good = _snapshot(state, exp)
+                with tempfile.TemporaryDirectory() as folder:
+                    if rank == 0 and checkpointing:
+                        save_state(state, exp, folder, {"step": state.step, "loss": loss})
+                        logger.flush()
+                    session.report(report, folder if rank == 0 and checkpointing else None, f"step_{state.step:08d}")
+                    if not checkpointing:
+                        continue
+                    if rank == 0:
+                        logger.set_tags({"checkpoint_latest": storage.join(config["run_dir"], f"step_{state.step:08d}")})
+                    if rank == 0 and loss < best["loss"]:
+                        best = {"loss": loss, "step": state.step}
+                        export_flow_map(os.path.join(folder, "state.pt"), os.path.join(local_dir, "best.pt"))
 
-    checksum = torch.cat([p.detach().reshape(-1).double().cpu() for p in trainable_parameters(model, objective)])
-    gathered = [float(checksum.sum())]
-    if is_distributed():
-        gathered = [None] * world
-        dist.all_gather_object(gathered, float(checksum.sum()))
-    if rank == 0:
-        if periodic is not None:
-            periodic.log_curve(logger)
-        finish_run(state, exp, logger, best, device, local_dir)
+        checksum = torch.cat([p.detach().reshape(-1).double().cpu() for p in trainable_parameters(model, objective)])
+        gathered = [float(checksum.sum())]
+        if is_distributed():
+            gathered = [None] * world
+            dist.all_gather_object(gathered, float(checksum.sum()))
+        if rank == 0:
+            if periodic is not None:
+                periodic.log_curve(logger)
+            finish_run(state, exp, logger, best, device, local_dir)
+    finally:  # the best EMA map, kept on this worker's disk until it went to MLflow
+        if local_dir is not None:
+            shutil.rmtree(local_dir, ignore_errors=True)
     import resource
 
     return {"step": state.step, "param_checksums": gathered, "best": best,
@@ -725,8 +730,12 @@ def make_trainer(exp: ExperimentConfig, record: dict[str, Any], callbacks=None):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config(exp, record),
-        scaling_config=RayScaling(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                  resources_per_worker=resources),
+        # A fixed group waits for lost resources to come back; an elastic one (min_workers) goes on with
+        # the workers that fit, from the last checkpoint, and grows again when nodes return.
+        scaling_config=RayScaling(num_workers=(scaling.min_workers, scaling.num_workers)
+                                  if scaling.min_workers and scaling.min_workers < scaling.num_workers
+                                  else scaling.num_workers,
+                                  use_gpu=scaling.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=exp.name, **storage.ray_storage(exp.storage.path),
                              failure_config=FailureConfig(max_failures=scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=exp.train.keep_checkpoints),
