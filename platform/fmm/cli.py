@@ -198,19 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", help="continue the run at RUN (<storage.path>/<name>)")
     train.set_defaults(func=_train)
 
-    sw = sub.add_parser("sweep", help="Ray Tune + Optuna over experiment keys, each trial a training run")
-    sw.add_argument("sweep", help="sweep file (see experiments/sweeps/)")
-    sw.add_argument("--resume", action="store_true", help="continue the sweep of this name and storage")
-    sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep key, e.g. search.num_samples=4")
-    sw.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
-    sw.set_defaults(func=_sweep)
-
-    st = sub.add_parser("study", help="train a teacher and every method against it, evaluate all, compare in MLflow")
-    st.add_argument("study", help="study file (see experiments/studies/)")
-    st.add_argument("--resume", action="store_true", help="continue the study of this name and storage")
-    st.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a study key, e.g. evaluation.samples=2000")
-    st.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
-    st.set_defaults(func=_study)
+    for name, func, summary, example in (
+            ("sweep", _sweep, "Ray Tune + Optuna over experiment keys, each trial a training run", "search.num_samples=4"),
+            ("study", _study, "train a teacher and every method against it, evaluate all, compare in MLflow",
+             "evaluation.samples=2000")):
+        driver = sub.add_parser(name, help=summary)
+        driver.add_argument(name, help=f"{name} file (see experiments/{name.replace('study', 'studie')}s/)")
+        driver.add_argument("--resume", action="store_true", help=f"continue the {name} of this name and storage")
+        driver.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"override a {name} key, e.g. {example}")
+        driver.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+        driver.set_defaults(func=func)
 
     cmp = sub.add_parser("compare", help="methods by sampling steps for a study or an MLflow experiment, from MLflow")
     cmp.add_argument("target", metavar="EXPERIMENT_OR_STUDY", help="a study file or name, or an MLflow experiment name")

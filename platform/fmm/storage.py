@@ -149,6 +149,19 @@ def write_bytes(uri: str, data: bytes) -> None:
             out.write(data)
 
 
+def claim(folder: str, record: str, kind: str, name: str, resume: bool) -> bool:
+    """Whether `<folder>/<record>` (a sweep's or a study's record) exists, refusing a name already taken
+    unless `resume`, and a resume with nothing to resume; then checks that `folder` can be written."""
+    found = exists(join(folder, record))
+    if found and not resume:
+        raise ValueError(f"a {kind} named {name!r} already exists at {folder}: continue it with "
+                         f"'fmm {kind} --resume' or choose another name.")
+    if resume and not found:
+        raise ValueError(f"no {kind} to resume at {folder} (missing {record}).")
+    check_writable(folder, "storage.path")
+    return found
+
+
 def check_writable(uri: str, what: str) -> None:
     """Write and delete a marker under `uri`, so a bad path or refused credentials fail before any work.
     Local folders the check had to create are removed again: a refused run leaves nothing behind."""

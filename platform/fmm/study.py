@@ -273,9 +273,11 @@ def plan_study(study: StudyConfig, uri: str, scratch: str) -> Plan:
         from fmm import fid
 
         fid.resolve_weights()  # missing weights: the error names where to put them, before any training
-    if study.teacher.exact is not None and plan.methods[0].exp.data.target is None:
-        raise ValueError(f"{where}: teacher.exact {study.teacher.exact!r} is a toy target's velocity but the data "
-                         f"is {plan.methods[0].exp.data.path!r}: train a teacher or give a checkpoint.")
+    data = plan.methods[0].exp.data
+    if study.teacher.exact is not None and study.teacher.exact != data.target:
+        raise ValueError(f"{where}: teacher.exact {study.teacher.exact!r} is that toy target's velocity but the "
+                         f"data is {data.target or data.path!r}: name the same target, train a teacher or give a "
+                         f"checkpoint.")
     return plan
 
 
@@ -375,13 +377,7 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
     uri = tracking.resolve_uri(study.tracking.uri)
     study_dir = storage.join(storage.absolute(study.storage.path), study.name)
     record_path = storage.join(study_dir, STUDY_RECORD)
-    exists = storage.exists(record_path)
-    if exists and not resume:
-        raise ValueError(f"a study named {study.name!r} already exists at {study_dir}: continue it with "
-                         f"'fmm study --resume' or choose another name.")
-    if resume and not exists:
-        raise ValueError(f"no study to resume at {study_dir} (missing {STUDY_RECORD}).")
-    storage.check_writable(study_dir, "storage.path")
+    exists = storage.claim(study_dir, STUDY_RECORD, "study", study.name, resume)
     with tempfile.TemporaryDirectory() as scratch:
         plan = plan_study(study, uri, scratch)
 

@@ -382,13 +382,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False,
 
     sweep_dir = storage.join(storage.absolute(sweep.storage.path), sweep.name)
     record_path = storage.join(sweep_dir, SWEEP_RECORD)
-    exists = storage.exists(record_path)
-    if exists and not resume:
-        raise ValueError(f"a sweep named {sweep.name!r} already exists at {sweep_dir}: continue it with "
-                         f"'fmm sweep --resume' or choose another name.")
-    if resume and not exists:
-        raise ValueError(f"no sweep to resume at {sweep_dir} (missing {SWEEP_RECORD}).")
-    storage.check_writable(sweep_dir, "storage.path")
+    exists = storage.claim(sweep_dir, SWEEP_RECORD, "sweep", sweep.name, resume)
     probe = trial_experiment(sweep, base, {}, f"{sweep.name}-probe")
     in_process, resources = trial_resources(probe, sweep.trial_mode)
 
