@@ -205,11 +205,11 @@ def test_baseline_reproduces_a_gaussian_at_one_and_two_steps(spec, steps, tolera
 def test_progressive_distillation_halves_the_steps_each_round():
     """After each round the student's N/2-step samples match, from the same noise, the N-step samples
     of that round's teacher: the Euler teacher in round 0, the frozen last student afterwards."""
-    rounds, per_round = 3, 300
+    rounds, per_round = 4, 300
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = FlowMap(TwoTimeMLP(dim=2, width=128, depth=3))
-    objective = make_objective({"name": "pd", "initial_steps": 16, "final_steps": 2, "round_steps": per_round},
+    objective = make_objective({"name": "pd", "initial_steps": 16, "final_steps": 1, "round_steps": per_round},
                                LINEAR)
     teacher = ExactVelocity(GAUSSIAN, LINEAR)
     objective.prepare(model, teacher)
@@ -235,5 +235,7 @@ def test_progressive_distillation_halves_the_steps_each_round():
         rmse = (student - reference).pow(2).sum(1).mean().sqrt().item()
         print(f"round {r}: {n_teacher // 2}-step student vs {n_teacher}-step teacher, RMSE {rmse:.4f}")
         assert rmse < 0.03, f"round {r}: {n_teacher // 2}-step student vs {n_teacher}-step teacher, RMSE {rmse:.3f}"
-    mean_err, cov_err = moments(student)
-    assert mean_err < 0.1 and cov_err < 0.2, (mean_err, cov_err)
+        if n_teacher // 2 <= 2:  # the 2-step student of round 2 and the 1-step student of round 3
+            mean_err, cov_err = moments(student)
+            print(f"  {n_teacher // 2}-step moments: mean {mean_err:.3f}, covariance {cov_err:.3f}")
+            assert mean_err < 0.1 and cov_err < 0.2, (n_teacher // 2, mean_err, cov_err)

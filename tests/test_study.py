@@ -77,6 +77,7 @@ def members(client, parent_id):
     ({"methods": {"lmd": {"network": {"width": 64}}}}, "method 'lmd' needs objective"),
     ({"teacher": {"train": {"objective": {"name": "lmd"}}}}, "teacher: objective 'lmd' needs a teacher itself"),
     ({"teacher": {"exact": "flower", "checkpoint": "x.pt"}}, "exactly one of train"),
+    ({"teacher": {"exact": "checkerboard"}}, "teacher.exact 'checkerboard' is that toy target's velocity"),
     ({"evaluation": {"metrics": ["fid"]}}, r"evaluation.metrics \['fid'\] do not apply to data of shape \[2\]"),
     ({"evaluation": {"steps": [0, 2]}}, "steps are positive"),
     ({"base": {**TINY["base"], "objective": {"name": "lmd"}}}, "base.objective"),
@@ -155,7 +156,7 @@ def test_the_shipped_studies_are_valid(tmp_path, name):
 
 @pytest.mark.slow
 def test_a_tiny_study_runs_on_the_embedded_default_and_compare_prints_what_mlflow_holds(tmp_path):
-    write_study(str(tmp_path))
+    write_study(str(tmp_path), teacher={"exact": "flower"})
     out = run_cli("study", "study.yaml", cwd=tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     assert "mlflow ui --backend-store-uri sqlite:///" in out.stdout
@@ -168,7 +169,7 @@ def test_a_tiny_study_runs_on_the_embedded_default_and_compare_prints_what_mlflo
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     parent = parent[0]
     runs = members(client, parent.info.run_id)
-    assert set(runs) == {"teacher", "lmd", "lsd", "cd"}
+    assert set(runs) == {"lmd", "lsd", "cd"}  # the exact velocity is the teacher: nothing to train for it
     assert all(r.info.status == "FINISHED" for r in runs.values())
     printed = table_cells(compared.stdout, ["lmd", "lsd", "cd"])
     assert printed == table_cells(out.stdout, ["lmd", "lsd", "cd"])  # the study's own table is the same
@@ -177,8 +178,6 @@ def test_a_tiny_study_runs_on_the_embedded_default_and_compare_prints_what_mlflo
         assert [step for step, _ in history] == [1, 2, 4]
         assert printed[label] == [f"{value:.4g}" for _, value in history], label
     assert runs["cd"].data.tags["eval_sampler"] == "consistency"
-    teacher_keys = set(runs["teacher"].data.metrics)
-    assert {"teacher/euler/sw2", "teacher/heun-le/sw2", "teacher/rk4-le/sw2"} <= teacher_keys
     assert "exact/heun-le/sw2" in parent.data.metrics  # the exact velocity's solvers, on the same noise
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
     assert artifacts == {"comparison/comparison.csv", "comparison/comparison.md", "comparison/sw2_vs_steps.png"}
@@ -192,7 +191,7 @@ def test_a_tiny_study_runs_on_the_embedded_default_and_compare_prints_what_mlflo
     again = run_cli("study", "study.yaml", "--resume", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "finished earlier" in again.stdout and "training lmd" not in again.stdout
-    assert len(members(client, parent.info.run_id)) == 4
+    assert len(members(client, parent.info.run_id)) == 3
     assert len(client.get_metric_history(runs["lmd"].info.run_id, "sw2")) == 3  # scored once
     assert table_cells(again.stdout, ["lmd", "lsd", "cd"]) == printed
 
@@ -239,7 +238,7 @@ def test_a_study_served_by_an_mlflow_server_reads_back_over_rest_as_compare_prin
                       "sweep": {"space": {"optim.lr": {"float": [1e-3, 5e-3], "log": True}},
                                 "metric": "eval/sw2_steps001", "search": {"num_samples": 2, "max_concurrent_trials": 2},
                                 "scheduler": {"kind": "fifo"}}}
-    study = load_study(write_study(str(tmp_path), name="served", teacher={"exact": "flower"}, methods=methods,
+    study = load_study(write_study(str(tmp_path), name="served", methods=methods,
                                    storage={"path": str(tmp_path / "studies")},
                                    tracking={"uri": mlflow_server, "experiment": "served"}))
     comparison = run_study(study, log=lambda *_: None)
@@ -265,10 +264,14 @@ def test_a_study_served_by_an_mlflow_server_reads_back_over_rest_as_compare_prin
         tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
         if "study_member" in tags:
             by_member[tags["study_member"]] = run["info"]["run_id"]
-    assert set(by_member) == {"lmd", "lsd", "cd"}  # an exact teacher is not a training run
+    assert set(by_member) == {"teacher", "lmd", "lsd", "cd"}
+    teacher = rest(mlflow_server, "runs/get", run_id=by_member.pop("teacher"))["run"]
+    assert {m["key"] for m in teacher["data"]["metrics"]} >= {"teacher/euler/sw2", "teacher/heun-le/sw2",
+                                                                "teacher/rk4-le/sw2"}  # its ODE solvers
     for label, run_id in by_member.items():
         history = rest(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="sw2")["metrics"]
         values = [m["value"] for m in sorted(history, key=lambda m: int(m["step"]))]
         assert [int(m["step"]) for m in sorted(history, key=lambda m: int(m["step"]))] == [1, 2, 4]
         assert printed[label] == [f"{v:.4g}" for v in values], label
-    assert re.search(r"exact ODE\s+best solver", compared.stdout)
+    assert re.search(r"teacher ODE\s+best solver", compared.stdout) and re.search(r"exact ODE\s+best solver",
+                                                                                    compared.stdout)
