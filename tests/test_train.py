@@ -101,21 +101,9 @@ def test_checkpoint_round_trip_restores_model_optimiser_schedule_and_step(tmp_pa
             assert torch.equal(torch.as_tensor(sa["state"][key][name]), torch.as_tensor(sb["state"][key][name]))
 
 
-def test_a_failed_worker_resumes_from_the_last_checkpoint_and_finishes(ray_cluster, tmp_path):
-    exp = experiment(tmp_path, name="recovering", train__fail_at_step=45, scaling__max_failures=1,
-                     scaling__num_workers=2)
-    result = run_training(exp, log=lambda *_: None)
-    assert result.return_value["step"] == 60
-    client = MlflowClient(result.tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
-                              "attributes.run_name = 'recovering'")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "train/loss")]
-    assert steps[-1] == 60 and 40 in steps  # logged before the failure, then resumed from step 40
-
-
 def test_a_baseline_trains_through_the_same_loop_and_resumes_its_target_network(ray_cluster, tmp_path):
-    """Consistency distillation on two workers: its EMA target network is objective state, broadcast,
+    """Consistency distillation on two workers, one of which fails at step 45: the worker group restarts from
+    the step-40 checkpoint in the same MLflow run; the EMA target network is objective state, broadcast,
     checkpointed and restored with the rest; the periodic evaluation samples it as a consistency model."""
     exp = experiment(tmp_path, name="cd-recovering", objective={"name": "cd", "steps": 10, "target_decay": 0.9},
                      train__fail_at_step=45, train__eval_every=30, train__eval_samples=200,
@@ -125,6 +113,11 @@ def test_a_baseline_trains_through_the_same_loop_and_resumes_its_target_network(
     checksums = result.return_value["param_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     client = MlflowClient(result.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                              "attributes.run_name = 'cd-recovering'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(result.mlflow_run_id, "train/loss")]
+    assert steps[-1] == 60 and 40 in steps  # logged before the failure, then resumed from step 40
     assert [m.step for m in client.get_metric_history(result.mlflow_run_id, "eval/sw2_steps001")] == [30, 60]
 
 

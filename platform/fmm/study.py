@@ -251,6 +251,10 @@ def plan_study(study: StudyConfig, uri: str, scratch: str) -> Plan:
         try:
             sweep = validate(MethodSweep, sections["sweep"], "sweep") if "sweep" in sections else None
             exp = plan.experiment(label, sections, stand_in)
+            if study.teacher.exact is not None and study.teacher.exact != exp.data.target:
+                raise ValueError(f"teacher.exact {study.teacher.exact!r} is that toy target's velocity but the data "
+                                 f"is {exp.data.target or exp.data.path!r}: name the same target, train a teacher or "
+                                 f"give a checkpoint.")
             validate_before_start(exp)
             if sweep is not None:
                 check_sweep(member_sweep(study, label, sweep, uri), exp.model_dump())
@@ -273,11 +277,6 @@ def plan_study(study: StudyConfig, uri: str, scratch: str) -> Plan:
         from fmm import fid
 
         fid.resolve_weights()  # missing weights: the error names where to put them, before any training
-    data = plan.methods[0].exp.data
-    if study.teacher.exact is not None and study.teacher.exact != data.target:
-        raise ValueError(f"{where}: teacher.exact {study.teacher.exact!r} is that toy target's velocity but the "
-                         f"data is {data.target or data.path!r}: name the same target, train a teacher or give a "
-                         f"checkpoint.")
     return plan
 
 
