@@ -114,29 +114,22 @@ def check_refused(capsys, folder, argv, fragment, keep):
     assert sorted(os.listdir(folder)) == sorted(keep), os.listdir(folder)  # no runs/, sweeps/, studies/, mlflow.db
 
 
-@pytest.mark.parametrize("what,content,fragment", EXPERIMENT_CASES, ids=[c[0] for c in EXPERIMENT_CASES])
-def test_a_malformed_experiment_file_is_refused(tmp_path, monkeypatch, capsys, what, content, fragment):
+CASES = ([("train", "exp.yaml", {}, *case) for case in EXPERIMENT_CASES]
+         + [("sweep", "sweep.yaml", {"base.yaml": EXPERIMENT}, *case) for case in SWEEP_CASES]
+         + [("study", "study.yaml", {}, *case) for case in STUDY_CASES])
+
+
+@pytest.mark.parametrize("command,name,others,what,content,fragment", CASES,
+                         ids=[f"{c[0]}-{c[3]}" for c in CASES])
+def test_a_malformed_file_is_refused(tmp_path, monkeypatch, capsys, command, name, others, what, content, fragment):
+    """The experiment of `fmm train`, the sweep of `fmm sweep` (its base experiment valid) and the study of
+    `fmm study`, each malformed one way."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    write(tmp_path, "exp.yaml", content)
-    check_refused(capsys, tmp_path, ["train", "exp.yaml"], fragment, ["exp.yaml"])
-
-
-@pytest.mark.parametrize("what,content,fragment", SWEEP_CASES, ids=[c[0] for c in SWEEP_CASES])
-def test_a_malformed_sweep_file_is_refused(tmp_path, monkeypatch, capsys, what, content, fragment):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    write(tmp_path, "base.yaml", EXPERIMENT)
-    write(tmp_path, "sweep.yaml", content)
-    check_refused(capsys, tmp_path, ["sweep", "sweep.yaml"], fragment, ["base.yaml", "sweep.yaml"])
-
-
-@pytest.mark.parametrize("what,content,fragment", STUDY_CASES, ids=[c[0] for c in STUDY_CASES])
-def test_a_malformed_study_file_is_refused(tmp_path, monkeypatch, capsys, what, content, fragment):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    write(tmp_path, "study.yaml", content)
-    check_refused(capsys, tmp_path, ["study", "study.yaml"], fragment, ["study.yaml"])
+    for other, text in others.items():
+        write(tmp_path, other, text)
+    write(tmp_path, name, content)
+    check_refused(capsys, tmp_path, [command, name], fragment, [*others, name])
 
 
 def test_a_malformed_file_through_the_installed_command_is_one_line_and_exit_two(tmp_path):
