@@ -198,12 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN", help="continue the run at RUN (<storage.path>/<name>)")
     train.set_defaults(func=_train)
 
-    for name, func, summary, example in (
-            ("sweep", _sweep, "Ray Tune + Optuna over experiment keys, each trial a training run", "search.num_samples=4"),
-            ("study", _study, "train a teacher and every method against it, evaluate all, compare in MLflow",
+    for name, folder, func, summary, example in (
+            ("sweep", "sweeps", _sweep, "Ray Tune + Optuna over experiment keys, each trial a training run",
+             "search.num_samples=4"),
+            ("study", "studies", _study, "train a teacher and every method against it, evaluate all, compare in MLflow",
              "evaluation.samples=2000")):
         driver = sub.add_parser(name, help=summary)
-        driver.add_argument(name, help=f"{name} file (see experiments/{name.replace('study', 'studie')}s/)")
+        driver.add_argument(name, help=f"{name} file (see experiments/{folder}/)")
         driver.add_argument("--resume", action="store_true", help=f"continue the {name} of this name and storage")
         driver.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"override a {name} key, e.g. {example}")
         driver.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
