@@ -41,10 +41,19 @@ def stop_ray_under(temp_dir: str) -> None:
     time.sleep(1)
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free loopback port not handed out before in this process: the kernel may offer a just-closed port
+    again, and one `ray start` given the same port for two components refuses to start."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 @pytest.fixture(scope="session")
