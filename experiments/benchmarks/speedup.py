@@ -34,8 +34,7 @@ from fmm.training import fit
 WEIGHTING = {"flower": "uniform", "checkerboard": "learned"}
 
 
-def distil(target_name: str, steps: int, weighting: str | None = None) -> tuple[FlowMap, ExactVelocity]:
-    weighting = weighting or WEIGHTING.get(target_name, "uniform")
+def distil(target_name: str, steps: int, weighting: str) -> tuple[FlowMap, ExactVelocity]:
     interp = Interpolant("linear")
     target = make_target(target_name)
     teacher = ExactVelocity(target, interp)
