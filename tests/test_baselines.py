@@ -145,7 +145,7 @@ def consistency_distilled():
 @pytest.mark.slow
 def test_consistency_distillation_approaches_the_closed_form_consistency_function(consistency_distilled):
     """The optimal consistency function of a Gaussian is its exact map to the data end, X_{s,1}
-    (science.md §4.3); CD from the exact velocity must approach it at every time of its grid."""
+    (docs/science.md §8.3); CD from the exact velocity must approach it at every time of its grid."""
     model, objective = consistency_distilled
     times = objective.grid_times(18)[:-1]
     g = torch.Generator().manual_seed(3)

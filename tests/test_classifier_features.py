@@ -2,8 +2,8 @@
 
 import torch
 
-from fmm.classifier_features import ClassifierFeatures
-from fmm.data import prepare, read_labels, read_part
+from fmm.evaluation.classifier_features import ClassifierFeatures
+from fmm.experiment.data import prepare, read_labels, read_part
 
 
 def test_classifier_distance_is_zero_on_itself_and_grows_with_noise(tmp_path):

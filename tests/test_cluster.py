@@ -16,15 +16,11 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import free_port, stop_ray_under
+from support.experiments import cluster, node_types, write_sweep
+from support.ray_ports import free_port, stop_ray_under
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
-
-
-def cluster() -> dict:
-    with open(os.path.join(ROOT, "ray_cluster.yaml")) as f:
-        return yaml.safe_load(f)
 
 
 def schema() -> dict:
@@ -53,15 +49,9 @@ def test_a_typo_in_the_cluster_file_is_the_schema_error_users_see():
         jsonschema.validate(config, schema())
 
 
-def node_types(config: dict) -> list[tuple[str, dict, int]]:
-    head = config["head_node_type"]
-    return [(name, {k: float(v) for k, v in spec["resources"].items()}, 1 if name == head else spec["max_workers"])
-            for name, spec in config["available_node_types"].items()]
-
-
 def test_node_types_add_up_and_hold_the_shipped_experiments():
-    from fmm.experiment import load_experiment
-    from fmm.sweep import check_resources
+    from fmm.experiment.schema import load_experiment
+    from fmm.jobs.cluster import check_resources
 
     config = cluster()
     types = config["available_node_types"]
@@ -166,7 +156,6 @@ FAKE = {
 
 @pytest.mark.slow
 def test_a_sweep_larger_than_the_head_makes_the_autoscaler_add_nodes_that_go_away_when_idle(tmp_path):
-    from test_sweep import write_sweep
 
     temp = tempfile.mkdtemp(prefix="/tmp/fmmfake")  # short (socket paths) and ours alone
     import ray._private.services

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fmm.data import DEFAULT_SOURCES, load, prepare, read_manifest, read_part
+from fmm.experiment.data import DEFAULT_SOURCES, load, prepare, read_manifest, read_part
 
 
 def test_toy_target_round_trips_through_shards(tmp_path):

@@ -2,7 +2,7 @@
 
 import math
 
-from fmm.demo import DemoConfig, format_rows, run_demo
+from fmm.jobs.demo import DemoConfig, format_rows, run_demo
 
 
 def test_short_demo_run_beats_euler_at_one_and_two_steps():

@@ -6,7 +6,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fmm.evaluate import Scorer, evaluate, parse_steps, speedup, Row
+from fmm.evaluation.protocol import Row, Scorer, speedup
+from fmm.jobs.evaluate import evaluate, parse_steps
 from fmm.groundtruth import ExactVelocity, make_target, reference_flow_map
 from fmm.interpolants import Interpolant
 from fmm.sampling import solve_ode
@@ -64,10 +65,10 @@ def test_speedup_finds_the_first_nfe_within_ten_percent():
 
 
 def test_evaluating_a_trained_run_logs_the_curve_figure_and_table(ray_cluster, tmp_path):
-    from fmm.experiment import load_experiment
-    from fmm.train import run_training
+    from fmm.experiment.schema import load_experiment
+    from fmm.jobs.train import run_training
 
-    from test_train import BASE
+    from support.experiments import TRAIN_BASE as BASE
 
     raw = copy.deepcopy(BASE)
     raw.update(name="evaluated", storage={"path": str(tmp_path / "runs")},
@@ -86,7 +87,7 @@ def test_evaluating_a_trained_run_logs_the_curve_figure_and_table(ray_cluster, t
 
 
 def test_image_scorer_uses_the_classifier_distance_and_refuses_vector_metrics(tmp_path):
-    from fmm.data import prepare, read_labels, read_part
+    from fmm.experiment.data import prepare, read_labels, read_part
 
     prepare("digits", str(tmp_path / "digits"), shards=1)
     x, y = read_part(str(tmp_path / "digits")), read_labels(str(tmp_path / "digits"))

@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy import linalg
 
-from fmm import fid
-from fmm.data import load
+from fmm.evaluation import fid
+from fmm.experiment.data import load
 
 
 def pytorch_fid_formula(mu1, s1, mu2, s2):

@@ -125,7 +125,7 @@ def test_mixture_score_and_denoiser_are_consistent_with_density_and_velocity():
     x = torch.randn(20, 3, generator=torch.Generator().manual_seed(6), dtype=F64, requires_grad=True)
     (grad,) = torch.autograd.grad(target.log_density(interp, t, x).sum(), x)
     torch.testing.assert_close(target.score(interp, t, x.detach()), grad)
-    # For gamma = 0: b = (alpha'/alpha) x + (beta' - alpha' beta / alpha) D (science.md §1.1).
+    # For gamma = 0: b = (alpha'/alpha) x + (beta' - alpha' beta / alpha) D (docs/science.md §1.1).
     coef = interp.coefficients(t)
     d = target.denoiser(interp, t, x.detach())
     expected = (coef.dalpha / coef.alpha)[:, None] * x.detach() + \
@@ -211,7 +211,7 @@ def test_gaussian_map_pushes_base_to_target():
     x1 = target.flow_map(interp, 0.0, 1.0, x0)
     torch.testing.assert_close(x1.mean(0), target.mean, atol=0.02, rtol=0)
     torch.testing.assert_close(torch.cov(x1.T), target.covariance, atol=0.02, rtol=0)
-    # With sigma0 = 1 in the linear schedule the map is x -> mu + Sigma^{1/2} x (science.md §8.4).
+    # With sigma0 = 1 in the linear schedule the map is x -> mu + Sigma^{1/2} x (docs/science.md §8.2).
     vals, vecs = torch.linalg.eigh(target.covariance)
     root = (vecs * vals.sqrt()) @ vecs.T
     torch.testing.assert_close(x1[:5], target.mean + x0[:5] @ root.T)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fmm.groundtruth import BoxMixture
-from fmm.fid import frechet as frechet_distance
+from fmm.evaluation.fid import frechet as frechet_distance
 from fmm.metrics import energy_distance, exact_w2, gaussian_w2, histogram_kl, mmd_rbf, sliced_wasserstein
 
 F64 = torch.float64

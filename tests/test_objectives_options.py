@@ -9,7 +9,7 @@ from fmm.groundtruth import BoxMixture, ExactVelocity, GaussianMixture
 from fmm.interpolants import Interpolant
 from fmm.nets import TwoTimeMLP
 from fmm.objectives import OBJECTIVES, TimeSampling, describe, make_objective
-from fmm.teachers import make_teacher
+from fmm.experiment.teachers import make_teacher
 
 EXPECTED = {"flow_matching", "lmd", "emd", "pfmm", "two_map", "eulerian_direct", "lsd", "esd", "psd",
             "cd", "ct", "ict", "scd", "sct", "ayf_emd", "ctm", "pd", "shortcut", "meanflow"}

@@ -18,10 +18,11 @@ from fmm.groundtruth import ExactVelocity, make_target
 from fmm.interpolants import Interpolant
 from fmm.nets import TwoTimeMLP
 from fmm.objectives import make_objective
-from fmm.train import run_training
+from fmm.jobs.train import run_training
 from fmm.training import train_step, trainable_parameters
 
-from test_train import experiment
+from support.experiments import experiment
+from support.ray_ports import free_port, stop_ray_under
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +53,7 @@ def test_a_non_finite_step_leaves_the_weights_and_the_optimiser_untouched():
 
 @pytest.mark.slow
 def test_a_nan_step_rolls_back_to_the_last_checkpoint_with_a_lower_learning_rate(ray_cluster, tmp_path):
-    exp = experiment(tmp_path, name="nan-once", train__nan_at_step=30, train__steps=60, optim={"lr": 4e-3})
+    exp = experiment(tmp_path, name="nan-once", train__debug={"nan_at_step": 30}, train__steps=60, optim={"lr": 4e-3})
     result = run_training(exp, log=lambda *_: None)
     assert result.return_value["step"] == 60
     client = MlflowClient(result.tracking_uri)
@@ -88,15 +89,15 @@ def run_cli(*args, cwd, timeout=600):
 
 @pytest.mark.slow
 def test_a_corrupt_checkpoint_is_detected_and_the_previous_one_is_used(ray_cluster, tmp_path):
-    from fmm.experiment import load_experiment
-    from fmm.train import read_record
+    from fmm.experiment.schema import load_experiment
+    from fmm.infra.records import read_record
 
     exp = experiment(tmp_path, name="corrupt")
     result = run_training(exp, log=lambda *_: None)
     latest = os.path.join(result.run_dir, "step_00000060", "state.pt")
     with open(latest, "r+b") as f:  # a truncated upload
         f.truncate(os.path.getsize(latest) // 2)
-    resumed = load_experiment(raw=read_record(result.run_dir)["experiment"], overrides=["train.steps=80"])
+    resumed = load_experiment(raw=read_record(result.run_dir).config, overrides=["train.steps=80"])
     again = run_training(resumed, resume=True, log=lambda *_: None)
     assert again.mlflow_run_id == result.mlflow_run_id and again.return_value["step"] == 80
     client = MlflowClient(result.tracking_uri)
@@ -224,7 +225,6 @@ def s3_run(tmp_path, flaky_s3, name, steps, checkpoint_every, watch=None, attemp
 
     import yaml
 
-    from conftest import stop_ray_under
 
     ray_temp = tempfile.mkdtemp(prefix="/tmp/fmmf")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_temp, AWS_ENDPOINT_URL=flaky_s3.url,
@@ -262,7 +262,7 @@ def test_transient_s3_errors_are_retried_and_a_refusal_stops_the_run_clearly_wit
     every request is refused (403), as when a bucket's policy or credentials go."""
     import boto3
 
-    from fmm.train import verify_state
+    from fmm.worker.state import verify_state
 
     flaky_s3.mode = "flaky"
     transient = {}
@@ -301,7 +301,6 @@ RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the CLI installed 
 
 def own_ports() -> list[str]:
     """Every port a Ray node opens, chosen here, so that another Ray on this machine cannot hold one."""
-    from conftest import free_port
 
     return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
@@ -310,7 +309,6 @@ def own_ports() -> list[str]:
 
 def start_worker_node(address: str, env: dict) -> int:
     """A second raylet joined to the head (one CPU); returns its node-manager port, which names it."""
-    from conftest import free_port
 
     port = free_port()
     out = subprocess.run([RAY, "start", f"--address={address}", "--num-cpus=1", f"--node-manager-port={port}",
@@ -353,7 +351,6 @@ def test_a_lost_node_is_survived_elastically_or_by_waiting_for_a_node_to_return(
 
     import yaml
 
-    from conftest import free_port, stop_ray_under
 
     temp = tempfile.mkdtemp(prefix="/tmp/fmmn")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

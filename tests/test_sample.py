@@ -51,7 +51,7 @@ def test_bad_sample_requests_are_clear_errors(tmp_path):
 
 
 def test_a_consistency_model_is_sampled_with_its_own_sampler_unless_told_otherwise(tmp_path):
-    from fmm.experiment import load_experiment
+    from fmm.experiment.schema import load_experiment
     from fmm.interpolants import Interpolant
     from fmm.sampling import gamma_sample
 

@@ -15,8 +15,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port
-from fmm.study import StudyConfig, load_study, plan_study
+from support.experiments import cluster, node_types
+from support.ray_ports import free_port
+from fmm.experiment.study_schema import StudyConfig, load_study, plan_study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,11 +88,11 @@ def test_bad_studies_are_refused_before_anything_trains(tmp_path, change, messag
     path = write_study(str(tmp_path), **change)
     with pytest.raises(ValueError, match=message):
         study = load_study(path)
-        plan_study(study, f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path))
+        plan_study(study, f"sqlite:///{tmp_path}/mlflow.db")
 
 
 def test_members_with_conflicting_data_shapes_are_refused(tmp_path):
-    from fmm.data import prepare
+    from fmm.experiment.data import prepare
 
     prepare("digits", str(tmp_path / "digits"), shards=1)
     methods = {"points": {"objective": {"name": "lsd"}},
@@ -100,7 +101,7 @@ def test_members_with_conflicting_data_shapes_are_refused(tmp_path):
                                       "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}}}
     study = load_study(write_study(str(tmp_path), methods=methods))
     with pytest.raises(ValueError, match=r"'teacher' trains on data of shape \[2\] but 'images' on \[1, 8, 8\]"):
-        plan_study(study, f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path))
+        plan_study(study, f"sqlite:///{tmp_path}/mlflow.db")
 
 
 def test_the_cli_refuses_a_bad_study_in_one_paragraph_and_writes_nothing(tmp_path):
@@ -127,29 +128,22 @@ def test_the_shipped_studies_are_valid(tmp_path, name):
     study = load_study(path)
     assert isinstance(study, StudyConfig)
     if name == "digits":
-        from fmm.data import prepare
+        from fmm.experiment.data import prepare
 
         prepare("digits", str(tmp_path / "digits"), shards=1)
         study.base["data"] = {"path": str(tmp_path / "digits")}
-    if name in ("cifar10", "imagenet32"):
-        # Data on S3 and GPU workers: each member's experiment and objective must build, and fit the
-        # node types of ray_cluster.yaml.
-        from fmm.objectives import make_objective
-        from fmm.study import Plan, teacher_reference
-        from fmm.sweep import check_resources
-        from fmm.train import build_interpolant
-        from test_cluster import cluster, node_types
-
-        plan = Plan(study, "http://127.0.0.1:5000")
-        teacher = plan.experiment("teacher", study.teacher.train, None)
-        for label, sections in study.methods.items():
-            exp = plan.experiment(label, sections, teacher_reference(study, plan.uri, "0" * 32))
-            make_objective(dict(exp.objective), build_interpolant(exp))
-            assert check_resources(exp, {"CPU": 4.0}, 2, node_types(cluster())) >= 1, label
-        assert teacher.train.steps == exp.train.steps and teacher.network == exp.network
-        return
-    plan = plan_study(study, f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path))
+    plan = plan_study(study, "http://127.0.0.1:5000" if name in ("cifar10", "imagenet32") else
+                      f"sqlite:///{tmp_path}/mlflow.db")
     assert len(plan.methods) == len(study.methods)
+    if name in ("cifar10", "imagenet32"):
+        # Data on S3 and GPU workers: every member fits the node types of ray_cluster.yaml, and the teacher
+        # shares the members' budget and network.
+        from fmm.jobs.cluster import check_resources
+
+        for member in plan.methods:
+            assert check_resources(member.exp, {"CPU": 4.0}, 2, node_types(cluster())) >= 1, member.label
+        assert plan.teacher.exp.train.steps == member.exp.train.steps
+        assert plan.teacher.exp.network == member.exp.network
 
 
 # -- a tiny study end to end ------------------------------------------------------------------------------
@@ -231,7 +225,8 @@ def rest(url: str, path: str, **query) -> dict:
 @pytest.mark.slow
 def test_a_study_served_by_an_mlflow_server_reads_back_over_rest_as_compare_prints_it(ray_cluster, tmp_path,
                                                                                        mlflow_server):
-    from fmm.study import run_study
+    from fmm.jobs.compare import compare_study
+    from fmm.jobs.study import run_study
 
     methods = dict(TINY["methods"])  # lsd swept: its best trial stands for it
     methods["lsd"] = {"objective": {"name": "lsd"}, "train": {"eval_every": 75, "eval_samples": 200},
@@ -241,8 +236,9 @@ def test_a_study_served_by_an_mlflow_server_reads_back_over_rest_as_compare_prin
     study = load_study(write_study(str(tmp_path), name="served", methods=methods,
                                    storage={"path": str(tmp_path / "studies")},
                                    tracking={"uri": mlflow_server, "experiment": "served"}))
-    comparison = run_study(study, log=lambda *_: None)
-    assert not comparison.failures
+    result = run_study(study, log=lambda *_: None)
+    assert not result.failures
+    comparison = compare_study(result.tracking_uri, result.parent_run_id)
     client = MlflowClient(mlflow_server)
     sweeps = client.search_runs([client.get_experiment_by_name("served").experiment_id], "tags.kind = 'sweep'")
     assert len(sweeps) == 1 and sweeps[0].data.tags["mlflow.parentRunId"] == comparison.parent_run_id

@@ -14,43 +14,12 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port, stop_ray_under
-from fmm.sweep import load_sweep, run_sweep
+from support.experiments import SWEEP_BASE as BASE, write_sweep
+from support.ray_ports import free_port, stop_ray_under
+from fmm.experiment.sweep_schema import load_sweep
+from fmm.jobs.sweep import run_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-BASE = {
-    "name": "toy",
-    "data": {"target": "flower"},
-    "network": {"name": "mlp", "dim": 2, "width": 32, "depth": 2},
-    "objective": {"name": "lmd", "diagonal_fraction": 0.25},
-    "teacher": {"kind": "exact", "target": "flower"},
-    "optim": {"lr": 3e-3},
-    "train": {"steps": 40, "batch_size": 128, "log_every": 20, "eval_every": 20, "eval_samples": 200,
-              "eval_steps": [1, 2], "ema_decay": 0.9},
-    "scaling": {"num_workers": 1, "cpus_per_worker": 1},
-}
-
-
-def write_sweep(tmp_path, name="toy-sweep", base=None, **changes) -> str:
-    base_path = tmp_path / "base.yaml"
-    base_path.write_text(yaml.safe_dump(base or BASE))
-    sweep = {
-        "name": name, "base": "base.yaml",
-        "space": {"interpolant.schedule": {"categorical": ["linear", "trig"]},
-                  "optim.lr": {"float": [1e-3, 1e-2], "log": True}},
-        "metric": "eval/sw2_steps001", "mode": "min",
-        "search": {"sampler": "tpe", "seed": 0, "num_samples": 4, "max_concurrent_trials": 2},
-        "scheduler": {"kind": "asha", "grace_period": 20},
-        "storage": {"path": str(tmp_path / "sweeps")},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "sweeps"},
-    }
-    for key, value in changes.items():
-        sweep[key] = value
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    return str(path)
-
 
 def children(tmp_path, parent_name):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -96,8 +65,8 @@ def test_a_trial_larger_than_the_cluster_is_refused(ray_cluster, tmp_path):
 
 
 def test_on_an_autoscaling_cluster_trials_are_checked_against_its_node_types():
-    from fmm.experiment import load_experiment
-    from fmm.sweep import check_resources
+    from fmm.experiment.schema import load_experiment
+    from fmm.jobs.cluster import check_resources
 
     gpu_trial = load_experiment(raw=dict(BASE, scaling={"num_workers": 4, "cpus_per_worker": 8, "use_gpu": True}))
     types = [("head", {"CPU": 4.0}, 0), ("gpu_1x", {"CPU": 8.0, "GPU": 1.0}, 8), ("gpu_4x", {"CPU": 48.0, "GPU": 4.0}, 2)]
@@ -281,8 +250,8 @@ def test_paper_scale_sweeps_give_valid_experiments_for_every_probe(name):
     from fmm.config import validate
     from fmm.nets import make_network
     from fmm.objectives import make_objective
-    from fmm.sweep import SweepConfig, trial_experiment
-    from fmm.train import build_interpolant
+    from fmm.experiment.sweep_schema import SweepConfig, trial_experiment
+    from fmm.experiment.builders import build_interpolant
 
     path = os.path.join(ROOT, "experiments", "sweeps", f"{name}.yaml")
     with open(path) as f:
@@ -290,7 +259,7 @@ def test_paper_scale_sweeps_give_valid_experiments_for_every_probe(name):
     with open(os.path.join(os.path.dirname(path), sweep.base)) as f:
         base = yaml.safe_load(f)
     for key, value in sweep.set.items():
-        from fmm.experiment import set_key
+        from fmm.experiment.schema import set_key
 
         set_key(base, key, value)
     network = None

@@ -22,11 +22,10 @@ import time
 
 import torch
 
-from fmm.flowmap import FlowMap
+from fmm.flowmap import FlowMap, ModelVelocity
 from fmm.interpolants import Interpolant
 from fmm.nets import make_network
 from fmm.objectives import make_objective
-from fmm.teachers import ModelVelocity
 from fmm.training import train_step, trainable_parameters
 
 CIFAR = {"in_channels": 3, "image_size": 32, "channels": 128, "channel_mult": (2, 2, 2), "num_blocks": 4,

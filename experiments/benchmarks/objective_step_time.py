@@ -19,11 +19,10 @@ import time
 
 import torch
 
-from fmm.flowmap import FlowMap
+from fmm.flowmap import FlowMap, ModelVelocity
 from fmm.interpolants import Interpolant
 from fmm.nets import make_network
 from fmm.objectives import OBJECTIVES, make_objective
-from fmm.teachers import ModelVelocity
 from fmm.training import train_step, trainable_parameters
 
 CASES = {

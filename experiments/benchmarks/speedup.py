@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from fmm.evaluate import Scorer, format_report, run_protocol
+from fmm.evaluation.protocol import Scorer, format_report, run_protocol
 from fmm.flowmap import FlowMap
 from fmm.groundtruth import ExactVelocity, make_target
 from fmm.interpolants import Interpolant
@@ -49,7 +49,7 @@ def distil(target_name: str, steps: int, weighting: str) -> tuple[FlowMap, Exact
 
 
 def fid_throughput(images: int) -> None:
-    from fmm import fid
+    from fmm.evaluation import fid
 
     try:
         extractor = fid.InceptionFeatures(device="cuda" if torch.cuda.is_available() else "cpu")

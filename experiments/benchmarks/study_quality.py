@@ -25,7 +25,7 @@ CONSISTENCY = {"cd", "ct", "ict", "scd", "sct", "ctm"}
 
 
 def objective_of(comparison, label: str) -> str:
-    from fmm import tracking
+    from fmm.infra import tracking
 
     curve = next(c for c in comparison.methods if c.label == label)
     return tracking.client(comparison.tracking_uri).get_run(curve.run_id).data.params.get("objective.name", label)
@@ -63,8 +63,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.run:
         subprocess.run([sys.executable, "-m", "fmm.cli", "study", args.study], check=True)
-    from fmm.compare import find
-    from fmm.study import load_study
+    from fmm.experiment.study_schema import load_study
+    from fmm.jobs.compare import find
 
     study = load_study(args.study)
     for metric in study.evaluation.metrics or [None]:

@@ -42,24 +42,12 @@ BASE = {
 }
 
 
-class LocalSession:
-    rank, world = 0, 1
-
-    def __init__(self):
-        import torch
-
-        self.device = torch.device("cpu")
-
-    def get_checkpoint(self):
-        return None
-
-    def report(self, metrics, checkpoint_folder, name):
-        pass
-
-
 def loop_seconds(folder: str, steps: int, reps: int = 3) -> float:
-    from fmm.experiment import load_experiment
-    from fmm.train import loop_config, open_run
+    from fmm.experiment.schema import load_experiment
+    from fmm.jobs.train import open_run
+    from fmm.worker.loop import run_loop
+    from fmm.worker.sessions import LocalSession
+    from fmm.worker.trainer import loop_config
 
     times = []
     for r in range(reps):
@@ -68,10 +56,8 @@ def loop_seconds(folder: str, steps: int, reps: int = 3) -> float:
         raw["train"] = dict(raw["train"], steps=steps)
         exp = load_experiment(raw=raw)
         record = open_run(exp)
-        from fmm.train import run_loop
-
         start = time.perf_counter()
-        run_loop(loop_config(exp, record), LocalSession())
+        run_loop(loop_config(exp, record), LocalSession(loop_config(exp, record)["run_dir"]))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -89,7 +75,8 @@ def noop_trials(trials: int) -> float:
 
 
 def fmm_trials(folder: str, trials: int, steps: int, mode: str, tag: str) -> float:
-    from fmm.sweep import load_sweep, run_sweep
+    from fmm.experiment.sweep_schema import load_sweep
+    from fmm.jobs.sweep import run_sweep
 
     with open(f"{folder}/base.yaml", "w") as f:
         yaml.safe_dump(dict(BASE, train=dict(BASE["train"], steps=steps)), f)
@@ -143,7 +130,8 @@ def main() -> None:
         print(f"in-process trials add nothing measurable to the loop ({in_process:+.2f} s); a TorchTrainer "
               f"trial adds {trainer:.1f} s")
     if args.toy:
-        from fmm.sweep import load_sweep, run_sweep
+        from fmm.experiment.sweep_schema import load_sweep
+        from fmm.jobs.sweep import run_sweep
 
         sweep, base = load_sweep(os.path.join(ROOT, "experiments", "sweeps", "flower_toy.yaml"),
                                  [f"storage.path={folder}/toy", f"tracking.uri=sqlite:///{folder}/mlflow.db"])

@@ -40,7 +40,7 @@ BASE = {
 
 
 def experiment(name: str, objective: str, steps: int, workers: int, cpus: int, root: str):
-    from fmm.experiment import load_experiment
+    from fmm.experiment.schema import load_experiment
 
     raw = copy.deepcopy(BASE)
     raw.update(name=name, objective={"name": objective}, storage={"path": f"{root}/runs"},
@@ -54,7 +54,8 @@ def bare_loop(rank: int, world: int, port: int, exp, out: str) -> None:
     """The same step as fmm train's workers, without Ray, MLflow or checkpoints."""
     from fmm.distributed import broadcast_parameters
     from fmm.objectives import make_objective
-    from fmm.train import DataSource, build_interpolant, build_model, build_optimiser, build_teacher
+    from fmm.experiment.builders import build_interpolant, build_model, build_optimiser, build_teacher
+    from fmm.experiment.data import DataSource
     from fmm.training import train_step, trainable_parameters
 
     if world > 1:
@@ -68,7 +69,7 @@ def bare_loop(rank: int, world: int, port: int, exp, out: str) -> None:
     objective.prepare(model, teacher)
     broadcast_parameters(model)
     optimiser, scheduler = build_optimiser(exp, trainable_parameters(model, objective), exp.train.steps)
-    data = DataSource(exp, rank, world, seed=rank)
+    data = DataSource(exp.data.target, exp.data.path, rank, world, seed=rank)
     per_worker = exp.train.batch_size // world
     windows, start = [], time.perf_counter()
     for step in range(exp.train.steps):
@@ -108,7 +109,7 @@ def run_bare(exp) -> tuple[float, float, float]:
 def run_fmm(exp) -> tuple[float, float, float]:
     from mlflow.tracking import MlflowClient
 
-    from fmm.train import run_training
+    from fmm.jobs.train import run_training
 
     start = time.perf_counter()
     result = run_training(exp, log=lambda *_: None)
@@ -116,7 +117,8 @@ def run_fmm(exp) -> tuple[float, float, float]:
     rates = [m.value for m in MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id,
                                                                                   "train/samples_per_s")]
     step = statistics.median(exp.train.batch_size / r for r in rates[1:])
-    return step, wall - step * exp.train.steps, result.return_value.get("peak_rss_mb", float("nan"))
+    peak = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id).data.metrics.get("train/peak_rss_mb")
+    return step, wall - step * exp.train.steps, peak if peak is not None else float("nan")
 
 
 def main() -> None:

@@ -1,4 +1,8 @@
-"""The `fmm` command line: parses arguments and dispatches; the work lives in the modules it calls."""
+"""The `fmm` command line: parses arguments and dispatches; the work lives in fmm.jobs.
+
+Each handler imports its job when it runs, not at module level: the jobs pull in torch, Ray and
+MLflow (seconds of imports), and `fmm --help` or a usage error should answer at once.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from fmm import __version__
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fmm.demo import DemoConfig, format_rows, run_demo
+    from fmm.jobs.demo import DemoConfig, format_rows, run_demo
 
     cfg = DemoConfig(target=args.target, steps=args.steps, batch=args.batch, lr=args.lr,
                      samples=args.samples, seed=args.seed)
@@ -47,8 +51,9 @@ def _objectives(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fmm.experiment import load_experiment
-    from fmm.train import read_record, run_training
+    from fmm.experiment.schema import load_experiment
+    from fmm.infra.records import read_record
+    from fmm.jobs.train import run_training
 
     overrides = list(args.set or [])
     if args.workers is not None:
@@ -58,8 +63,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.experiment:
             raise ValueError("give either EXPERIMENT.yaml or --resume RUN, not both.")
-        record = read_record(args.resume)
-        exp = load_experiment(raw=record["experiment"], overrides=overrides)
+        exp = load_experiment(raw=read_record(args.resume).config, overrides=overrides)
     else:
         if not args.experiment:
             raise ValueError("give an experiment file (EXPERIMENT.yaml) or --resume RUN.")
@@ -72,7 +76,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from fmm.sweep import best_rows, load_sweep, results_table, run_sweep
+    from fmm.experiment.sweep_schema import load_sweep
+    from fmm.jobs.sweep import best_rows, results_table, run_sweep
 
     sweep, base = load_sweep(args.sweep, args.set)
     grid = run_sweep(sweep, base, resume=args.resume, address=args.address)
@@ -87,10 +92,15 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from fmm.study import load_study, run_study
+    from fmm.experiment.study_schema import load_study
+    from fmm.jobs.compare import compare_study
+    from fmm.jobs.study import run_study
 
     study = load_study(args.study, args.set)
-    comparison = run_study(study, resume=args.resume, address=args.address)
+    result = run_study(study, resume=args.resume, address=args.address)
+    comparison = compare_study(result.tracking_uri, result.parent_run_id)
+    comparison.log_to_parent()
+    comparison.failures.update(result.failures)
     print()
     print(comparison.render())
     print()
@@ -106,13 +116,13 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _default_uri() -> str:
-    from fmm.tracking import resolve_uri
+    from fmm.infra.tracking import resolve_uri
 
     return resolve_uri(None)
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from fmm.compare import find
+    from fmm.jobs.compare import find
 
     comparison = find(args.target, args.tracking_uri, args.metric)
     print(comparison.render())
@@ -125,7 +135,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
-    from fmm.data import prepare
+    from fmm.experiment.data import prepare
 
     manifest = prepare(args.dataset, args.out, source=args.source, shards=args.shards, samples=args.samples,
                        seed=args.seed)
@@ -135,7 +145,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from fmm.sample import sample, write
+    from fmm.jobs.sample import sample, write
 
     array = sample(args.checkpoint, args.steps, noise_path=args.noise, samples=args.samples, seed=args.seed,
                    device="cuda" if args.cuda else "cpu", sampler=args.sampler, gamma=args.gamma)
@@ -145,7 +155,8 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from fmm.evaluate import evaluate, format_report, parse_steps
+    from fmm.evaluation.protocol import format_report
+    from fmm.jobs.evaluate import evaluate, parse_steps
 
     wanted = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     report = evaluate(args.run, parse_steps(args.steps), samples=args.samples, seed=args.seed, metrics_wanted=wanted,

@@ -1,7 +1,7 @@
 """Data-parallel gradient averaging that stays correct with torch.func JVPs.
 
 torch.func transforms do not accept a DistributedDataParallel wrapper, and calling them on
-`ddp.module` silently skips DDP's gradient all-reduce (science.md §9.4): each worker would then
+`ddp.module` silently skips DDP's gradient all-reduce (docs/science.md §9.3): each worker would then
 step on its own gradients and the replicas drift apart. The objectives therefore run on the plain
 module and the training step averages the gradients itself, in one flattened all-reduce.
 """
@@ -41,3 +41,16 @@ def broadcast_parameters(module: nn.Module, src: int = 0) -> None:
         return
     for tensor in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(tensor.data, src)
+
+
+def check_replicas_agree(parameters: Iterable[nn.Parameter]) -> None:
+    """Raise if the workers' parameters differ: a float64 sum of each worker's parameters, gathered and
+    compared exactly (replicas that average their gradients and start equal stay bit-identical)."""
+    if not is_distributed():
+        return
+    total = float(sum(p.detach().double().sum().cpu() for p in parameters))
+    gathered: list[float | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, total)
+    if len(set(gathered)) > 1:
+        raise RuntimeError(f"the workers' parameters differ (sums {gathered}): gradients were not averaged "
+                           f"the same way on every worker")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fmm.nets.base import TwoTimeNet
-from fmm.validation import batch_times, check_unit_interval, expand_like
+from fmm.tensor_checks import batch_times, check_unit_interval, expand_like
 
 VelocityField = Callable[[Tensor, Tensor], Tensor]
 """b(t, x): t of shape [B], x of shape [B, ...], returns [B, ...]."""
@@ -107,3 +107,21 @@ class FlowMap(TwoTimeMap):
 
     def _map(self, s: Tensor, t: Tensor, x: Tensor) -> Tensor:
         return x + expand_like(t - s, x) * self.net(s, t, x)
+
+
+class ModelVelocity:
+    """The diagonal v_{t,t} of a trained, frozen flow map, as a velocity field: how a trained model serves
+    as the teacher of a distillation run or as the ODE whose solvers a few-step map is compared with."""
+
+    t_max = None
+
+    def __init__(self, model: TwoTimeMap):
+        self.model = model.eval().requires_grad_(False)
+        self.sample_shape = tuple(model.sample_shape)
+
+    def __call__(self, t: Tensor, x: Tensor) -> Tensor:
+        return self.model.velocity(t, x)
+
+    def to(self, device: torch.device | str) -> ModelVelocity:
+        self.model.to(device)
+        return self

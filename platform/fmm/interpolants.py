@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fmm.validation import batch_times, check_unit_interval, expand_like
+from fmm.tensor_checks import batch_times, check_unit_interval, expand_like
 
 
 @dataclass(frozen=True)

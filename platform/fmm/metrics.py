@@ -102,3 +102,11 @@ def histogram_kl(samples: Tensor, log_density, extent: float, bins: int = 50) ->
     terms = torch.where(rho > 0, rho * (rho.log() - rho_hat.log()), torch.zeros_like(rho))
     return float(terms.sum() * width * width)
 
+
+
+# The registry: metrics of two sample sets by name; `histogram_kl` scores samples against a known
+# density and `rmse_vs_ode` sample by sample against the reference map of the same noise (vectors);
+# images are scored in a network's feature space (fmm.evaluation).
+TWO_SAMPLE = {"sw2": sliced_wasserstein, "energy": energy_distance, "mmd": mmd_rbf, "w2_exact": exact_w2}
+VECTOR_METRICS = (*TWO_SAMPLE, "histogram_kl", "rmse_vs_ode")
+IMAGE_METRICS = ("fid", "fd_classifier")

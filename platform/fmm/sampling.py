@@ -21,9 +21,8 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from fmm.validation import check_unit_interval
-
-VelocityField = Callable[[Tensor, Tensor], Tensor]
+from fmm.flowmap import VelocityField
+from fmm.tensor_checks import check_unit_interval
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Exact interpolant velocity for a mixture of uniform boxes, such as the LSD checkerboard (science.md §8.5).
+"""Exact interpolant velocity for a mixture of uniform boxes, such as the LSD checkerboard (docs/science.md §8.4).
 
 Target: x1 uniform on a union of axis-aligned boxes B_k = prod_j [a_kj, b_kj], box k chosen with
 probability pi_k (proportional to its volume for a uniform board). The Gaussian part of the
@@ -13,8 +13,8 @@ D_t(x) = sum_k w_k M_k, and the velocity is
 
     b_t(x) = beta'_t D_t(x) + c'_t / (2 c_t) (x - beta_t D_t(x))
 
-(the Gaussian part is regressed on its own value; for gamma = 0 this is the brief's
-(alpha'/alpha) x + (beta' - alpha' beta / alpha) D).
+(the Gaussian part is regressed on its own value; for gamma = 0 this is the denoiser
+identity of docs/science.md §1.1, (alpha'/alpha) x + (beta' - alpha' beta / alpha) D).
 
 Numerics, per coordinate, in float64:
 - when the truncated normal is wide against its box (beta_t (b - a) <= 2 sqrt(c_t), which covers
@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.special import erfcx, log_ndtr
 
 from fmm.interpolants import Interpolant
-from fmm.validation import batch_times
+from fmm.tensor_checks import batch_times
 
 F64 = torch.float64
 _NODES, _WEIGHTS = (torch.as_tensor(v, dtype=F64) for v in np.polynomial.legendre.leggauss(16))

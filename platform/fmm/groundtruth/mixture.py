@@ -1,6 +1,6 @@
 """Exact interpolant velocities for Gaussian-mixture targets, and the closed-form map of a Gaussian.
 
-Setting (science.md §8): x0 ~ N(0, sigma0^2 I) independent of x1 ~ sum_k pi_k N(mu_k, Sigma_k), and
+Setting (docs/science.md §8.1): x0 ~ N(0, sigma0^2 I) independent of x1 ~ sum_k pi_k N(mu_k, Sigma_k), and
 I_t = alpha_t x0 + beta_t x1 + gamma_t z. Given component k, I_t ~ N(m_k, C_k) with
 
     m_k(t) = beta_t mu_k,    C_k(t) = c_t I + beta_t^2 Sigma_k,    c_t = alpha_t^2 sigma0^2 + gamma_t^2,
@@ -14,7 +14,7 @@ Every C_k(t) shares its eigenvectors with Sigma_k = U_k diag(lambda_k) U_k^T, so
 that eigenbasis: C_k(t) = U_k diag(c_t + beta_t^2 lambda_k) U_k^T, and no matrix is inverted per
 time. All of it runs in float64; results come back in the dtype of x.
 
-For a single Gaussian the flow map is affine and in closed form (science.md §8.4):
+For a single Gaussian the flow map is affine and in closed form (docs/science.md §8.2):
 
     X_{s,t}(x) = beta_t mu + C_t^{1/2} C_s^{-1/2} (x - beta_s mu).
 """
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from fmm.flowmap import TwoTimeMap
 from fmm.interpolants import Interpolant
-from fmm.validation import batch_times
+from fmm.tensor_checks import batch_times
 
 F64 = torch.float64
 

@@ -1,6 +1,6 @@
 """A float64 reference flow map X_{s,t}(x) by a high-accuracy ODE solve, forward or backward in time.
 
-There is no closed form for a mixture's flow map (science.md §8.3), so the reference integrates
+There is no closed form for a mixture's flow map (docs/science.md §8.5), so the reference integrates
 dx/dt = b_t(x) with adaptive dopri5 at rtol = atol = 1e-11 under the max norm (every sample and
 coordinate meets the tolerance, not only the batch average). Each sample may have its own (s, t):
 the solve runs in a shared clock tau in [0, 1] with time(tau) = s + tau (t - s), so
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from fmm.validation import batch_times, check_unit_interval
+from fmm.tensor_checks import batch_times, check_unit_interval
 
 F64 = torch.float64
 

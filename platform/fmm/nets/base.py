@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fmm.validation import batch_times
+from fmm.tensor_checks import batch_times
 
 
 class TwoTimeNet(nn.Module):

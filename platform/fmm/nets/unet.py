@@ -8,7 +8,7 @@ objectives differentiate this network with torch.func.jvp.
 
 Sizes: channels=32, channel_mult=(1, 2, 2), num_blocks=1 gives about 1M parameters (CPU tests);
 channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,), dropout=0.13 is the
-CIFAR-10 network of science.md §3.4 (about 56M).
+CIFAR-10 network of docs/science.md §4.3 (about 58M).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ class JVPOptions(ObjectiveOptions):
     gradient = "jvp" backpropagates through the JVP, as the papers define the loss. gradient =
     "slope" rewrites the same residual r through the slope v of X = x + (t - s) v as
     +-(v - sg(v)) + sg(r): the same value and fixed point, but the gradient flows through one plain
-    forward pass of v while the JVP runs without a graph (science.md §9.2 and §9.3; MeanFlow's and
+    forward pass of v while the JVP runs without a graph (docs/science.md §9.2; MeanFlow's and
     sCM's practice). It is cheaper and differs from the papers' gradient; the Lagrangian forms then
     need the teacher under a stop-gradient and the Eulerian forms the semigradient.
     """

@@ -1,4 +1,4 @@
-"""Consistency baselines in flow-map notation (science.md §4, §5.1 to §5.4): discrete consistency
+"""Consistency baselines in flow-map notation (docs/science.md §6): discrete consistency
 distillation and training (CD, CT, iCT), continuous-time consistency (sCD, sCT), Align Your Flow's
 Eulerian map distillation (AYF-EMD) and consistency trajectory models (CTM, without the GAN term).
 
@@ -26,7 +26,7 @@ from fmm.interpolants import Interpolant
 from fmm.objectives.base import Objective, ObjectiveOptions, TargetNetwork, Term
 from fmm.objectives.registry import register
 from fmm.objectives.times import TimeSampling
-from fmm.validation import expand_like
+from fmm.tensor_checks import expand_like
 
 
 class GridOptions(ObjectiveOptions):

@@ -14,7 +14,7 @@ from pydantic import Field
 from fmm.objectives.base import JVPOptions, Objective, Term, eulerian_residual
 from fmm.objectives.registry import register
 from fmm.objectives.times import TimeSampling
-from fmm.validation import expand_like
+from fmm.tensor_checks import expand_like
 
 
 class TwoMapOptions(JVPOptions):

@@ -1,4 +1,4 @@
-"""Few-step baselines on the two-time map (science.md §5.5 to §5.7): progressive distillation, shortcut
+"""Few-step baselines on the two-time map (docs/science.md §7): progressive distillation, shortcut
 models and MeanFlow, each written for X_{s,t}(x) = x + (t - s) v_{s,t}(x) with t = 0 noise, 1 data.
 """
 
@@ -12,7 +12,7 @@ from fmm.objectives.base import (FrozenTeacherRounds, Objective, ObjectiveOption
                                  eulerian_residual)
 from fmm.objectives.registry import register
 from fmm.objectives.times import TimeSampling
-from fmm.validation import expand_like
+from fmm.tensor_checks import expand_like
 
 
 def _power_of_two(value: int) -> bool:

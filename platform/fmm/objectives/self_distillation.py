@@ -17,7 +17,7 @@ from pydantic import Field
 from fmm.objectives.base import (JVPOptions, Objective, ObjectiveOptions, Term, eulerian_residual,
                                  lagrangian_residual)
 from fmm.objectives.registry import register
-from fmm.validation import expand_like
+from fmm.tensor_checks import expand_like
 
 
 class SelfDistillationOptions(ObjectiveOptions):

@@ -1,6 +1,6 @@
 """Time sampling shared by every objective: pairs (s, t) off the diagonal and single times on it.
 
-Kinds (science.md §2.3, §3.2):
+Kinds (docs/science.md §5):
 - uniform_square:  (s, t) i.i.d. uniform, no ordering (FMM's direct two-map loss needs backward maps);
 - upper_triangle:  (s, t) uniform on s <= t (LSD's off-diagonal sampling);
 - diagonal_anneal: t uniform, s = t + U(-delta_k, delta_k) clipped, delta_k growing linearly from

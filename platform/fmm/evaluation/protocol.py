@@ -1,5 +1,5 @@
-"""`fmm evaluate`: quality against number of steps for a flow map and its teacher's ODE solvers, the
-speed-up at equal quality, recorded in the training run's MLflow run.
+"""The evaluation protocol: quality against number of steps for a flow map and its teacher's ODE solvers,
+and the speed-up at equal quality. Pure: it scores and returns reports; the jobs log them.
 
 Protocol: one fixed noise set (seeded) serves every method. The flow map is sampled with its EMA
 weights at each step count. The teacher is the exact velocity when the run's data is a toy target
@@ -16,32 +16,23 @@ Inception network.
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
-from fmm import metrics, storage
+from fmm import metrics
+from fmm.evaluation import fid
+from fmm.evaluation.classifier_features import ClassifierFeatures
+from fmm.experiment.data import read_labels, read_part
+from fmm.experiment.schema import ExperimentConfig
+from fmm.flowmap import TwoTimeMap, VelocityField
+from fmm.groundtruth import BoxMixture, ExactVelocity, make_target, reference_flow_map
+from fmm.interpolants import Interpolant
+from fmm.metrics import IMAGE_METRICS, VECTOR_METRICS
+from fmm.objectives import sampler_for
 from fmm.sampling import make_sampler, solve_ode
-
-VECTOR_METRICS = ("sw2", "energy", "mmd", "w2_exact", "histogram_kl", "rmse_vs_ode")
-IMAGE_METRICS = ("fid", "fd_classifier")
-
-
-def parse_steps(text: str) -> list[int]:
-    """'1,2,4,8' -> [1, 2, 4, 8]; zero, negative or non-integer entries are refused by name."""
-    values = []
-    for item in str(text).split(","):
-        item = item.strip()
-        if not item.isdigit() or int(item) < 1:
-            raise ValueError(f"--steps takes positive integers separated by commas (e.g. 1,2,4,8,16); got {item!r}.")
-        values.append(int(item))
-    return sorted(set(values))
 
 
 @dataclass
@@ -87,15 +78,11 @@ class Scorer:
         self.log_density, self.extent = log_density, extent
         self.primary = wanted[0]
         if "fid" in wanted:
-            from fmm import fid
-
             self.extractor = fid.InceptionFeatures(device="cuda" if torch.cuda.is_available() else "cpu")
             self.reference_features = self.extractor(reference, progress=True)
         if "fd_classifier" in wanted:
             if labelled is None:
                 raise ValueError("fd_classifier needs a labelled image dataset (Parquet shards with a label column).")
-            from fmm.classifier_features import ClassifierFeatures
-
             self.classifier = ClassifierFeatures(*labelled)
 
     def __call__(self, x: torch.Tensor) -> dict[str, float]:
@@ -103,22 +90,14 @@ class Scorer:
         if self.is_image:
             out = {}
             if "fid" in self.wanted:
-                from fmm import fid
-
                 out["fid"] = fid.fid(self.extractor(x.float(), progress=True), self.reference_features)
             if "fd_classifier" in self.wanted:
                 out["fd_classifier"] = self.classifier.distance(x.float(), self.reference.float())
             return out
         out = {}
         for name in self.wanted:
-            if name == "sw2":
-                out[name] = metrics.sliced_wasserstein(x, self.reference)
-            elif name == "energy":
-                out[name] = metrics.energy_distance(x, self.reference)
-            elif name == "mmd":
-                out[name] = metrics.mmd_rbf(x, self.reference)
-            elif name == "w2_exact":
-                out[name] = metrics.exact_w2(x, self.reference)
+            if name in metrics.TWO_SAMPLE:
+                out[name] = metrics.TWO_SAMPLE[name](x, self.reference)
             elif name == "histogram_kl":
                 out[name] = metrics.histogram_kl(x, self.log_density, self.extent, bins=48)
             elif name == "rmse_vs_ode":
@@ -220,106 +199,6 @@ def speedup(rows: list[Row], primary: str) -> dict[str, dict]:
     return out
 
 
-def quality_figure(report: Report):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in sorted({r.method for r in report.rows}, key=lambda m: (m != "flow_map", m)):
-        pts = sorted((r.nfe, r.scores[report.primary]) for r in report.rows if r.method == method and r.nfe > 0)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", lw=2.5 if method == "flow_map" else 1, label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("NFE (sampling steps)")
-    ax.set_ylabel(report.primary)
-    ax.set_title(f"{report.primary} vs steps, {report.samples} samples")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def log_rows(logger, rows: list[Row], solver_prefix: str = "teacher") -> None:
-    """Each row's scores at step = NFE: the learned map's as `<metric>` (and `<metric>_stepsNNN`, `nfe`),
-    an ODE solver's as `<solver_prefix>/<solver>/<metric>`, each with its seconds per sample."""
-    for row in rows:
-        prefix = "" if row.method == "flow_map" else f"{solver_prefix}/{row.method}/"
-        if row.method != "flow_map" and row.nfe == 0:
-            continue
-        values = {f"{prefix}{k}": v for k, v in row.scores.items() if math.isfinite(v)}
-        values[f"{prefix}seconds_per_sample"] = row.seconds_per_sample
-        if row.method == "flow_map":
-            values["nfe"] = row.nfe
-            values.update({f"{k}_steps{row.steps:03d}": v for k, v in row.scores.items() if math.isfinite(v)})
-        logger.log_metrics(values, step=row.nfe)
-
-
-def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps: list[int] | None = None,
-               sampler=None, sigma0: float = 1.0) -> None:
-    """The primary metric at step = NFE (MLflow's chart is then the quality-vs-steps curve), the other
-    metrics, NFE and wall-clock per sample alongside, teacher curves, the figure, the table and the
-    samples at each step count."""
-    import matplotlib.pyplot as plt
-
-    from fmm.tracking import RunLogger
-
-    logger = RunLogger(tracking_uri, run_id)
-    log_rows(logger, report.rows)
-    summary = report.speedup.get("summary")
-    if summary:
-        logger.log_metrics({"speedup/nfe_ratio": summary["nfe_ratio"],
-                            "speedup/wallclock_ratio": summary["wallclock_ratio"]}, step=0)
-    logger.set_tags({"eval_sampler": report.sampler, "eval_metric": report.primary, "eval_samples": report.samples})
-    logger.flush()
-    fig = quality_figure(report)
-    logger.log_figure(fig, f"evaluation/{report.primary}_vs_steps.png")
-    plt.close(fig)
-    if model is not None and steps:
-        from fmm.train import sample_figure
-
-        shape = tuple(model.sample_shape)
-        if len(shape) == 3 or shape == (2,):
-            fig = sample_figure(model, shape, steps, next(model.parameters()).device, seed=0, sampler=sampler,
-                                sigma0=sigma0)
-            logger.log_figure(fig, "evaluation/samples.png")
-            plt.close(fig)
-    with tempfile.TemporaryDirectory() as folder:
-        table = os.path.join(folder, "evaluation.json")
-        with open(table, "w") as f:
-            json.dump({"primary": report.primary, "samples": report.samples, "rows": report.table(),
-                       "speedup": report.speedup}, f, indent=1)
-        csv = os.path.join(folder, "evaluation.csv")
-        keys = sorted({k for row in report.table() for k in row}, key=lambda k: (k not in
-                      ("method", "steps", "nfe", "seconds_per_sample"), k))
-        with open(csv, "w") as f:
-            f.write(",".join(keys) + "\n")
-            for row in report.table():
-                f.write(",".join(str(row.get(k, "")) for k in keys) + "\n")
-        logger.log_artifact(table, "evaluation")
-        logger.log_artifact(csv, "evaluation")
-
-
-def load_run(source: str, tracking_uri: str | None = None):
-    """(flow map with EMA weights, experiment config or None, (tracking uri, run id) or None) for a run
-    folder/URI, a flow-map file, or runs:/<id> (on `tracking_uri`, by default as for training)."""
-    from fmm.checkpoint import load_flow_map
-    from fmm.experiment import ExperimentConfig
-    from fmm.teachers import fetch_checkpoint
-    from fmm.train import RUN_RECORD, read_record
-
-    if storage.exists(storage.join(source, RUN_RECORD)):
-        record = read_record(source)
-        path = fetch_checkpoint(f"runs:/{record['mlflow_run_id']}/checkpoints/final.pt", record["tracking_uri"])
-        return (load_flow_map(path), ExperimentConfig(**record["experiment"]),
-                (record["tracking_uri"], record["mlflow_run_id"]))
-    path = fetch_checkpoint(source, tracking_uri)
-    model = load_flow_map(path)  # first: a truncated or foreign file is a clear error there
-    config = torch.load(path, map_location="cpu", weights_only=False).get("config")
-    return model, (ExperimentConfig(**config) if config else None), None
-
-
 @dataclass
 class Protocol:
     """What every method of one comparison shares: the noise (already scaled by sigma0), the scorer with
@@ -327,73 +206,69 @@ class Protocol:
 
     noise: torch.Tensor
     scorer: Scorer
-    exact: object | None = None
+    exact: ExactVelocity | None = None
 
 
-def build_protocol(exp, interpolant, shape: tuple[int, ...], samples: int, seed: int = 0, metrics_wanted=None,
-                   log=print) -> Protocol:
-    """The seeded noise set and reference for experiment `exp`'s data: exact draws and the float64
-    reference map of the same noise for a toy target, a seeded subset of the Parquet shards otherwise."""
-    from fmm.groundtruth import BoxMixture, ExactVelocity, make_target, reference_flow_map
-
-    g = torch.Generator().manual_seed(seed)
-    noise = interpolant.sigma0 * torch.randn((samples, *shape), generator=g)
+def reference_set(exp: ExperimentConfig, shape: tuple[int, ...], samples: int, generator: torch.Generator,
+                  labelled: bool = False):
+    """(reference samples, (images, labels, dataset name) or None): exact draws of a toy target, or a
+    seeded subset of the Parquet shards (with the whole labelled set when `labelled`, which the
+    classifier-feature distance trains on)."""
     if exp.data.target is not None:
         target = make_target(exp.data.target)
         if (target.dim,) != shape:
             raise ValueError(f"the checkpoint's samples have shape {list(shape)} but {exp.data.target!r} has "
                              f"[{target.dim}].")
-        exact = ExactVelocity(target, interpolant)
-        reference = target.sample(samples, torch.Generator().manual_seed(seed + 1))
-        reference_map = log_density = extent = None
-        if metrics_wanted is None or "rmse_vs_ode" in metrics_wanted:
-            log(f"[fmm] float64 reference map of {samples} noise points ...")
-            reference_map = reference_flow_map(exact, 0.0, 1.0, noise.double())
-        if isinstance(target, BoxMixture):
-            extent = float(target.highs.max())
-            volume = (target.highs - target.lows).prod(1)
-
-            def log_density(points):
-                inside = ((points[:, None] >= target.lows) & (points[:, None] <= target.highs)).all(-1)
-                return torch.log((inside.double() * (target.weights / volume)).sum(1))
-        return Protocol(noise, Scorer(shape, reference, reference_map, log_density, extent, metrics_wanted), exact)
-    from fmm.data import read_labels, read_part
-
+        return target.sample(samples, generator), None
     data, manifest = read_part(exp.data.path)
     if tuple(manifest["shape"]) != shape:
         raise ValueError(f"the checkpoint's samples have shape {list(shape)} but the data at "
                          f"{exp.data.path!r} has {manifest['shape']}.")
-    reference = data[torch.randperm(len(data), generator=g)[:samples]]
-    labelled = None
-    if len(shape) == 3:
+    reference = data[torch.randperm(len(data), generator=generator)[:samples]]
+    if labelled and len(shape) == 3:
         try:
-            labelled = (data, read_labels(exp.data.path), manifest.get("dataset", "images"))
-        except ValueError:
-            labelled = None
-    return Protocol(noise, Scorer(shape, reference, wanted=metrics_wanted, labelled=labelled))
+            return reference, (data, read_labels(exp.data.path), manifest.get("dataset", "images"))
+        except ValueError:  # no label column: the classifier distance is refused by the Scorer
+            pass
+    return reference, None
 
 
-def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 0, metrics_wanted=None,
-             teacher_max_nfe: int = 256, log_mlflow: bool = True, log=print, with_teacher: bool = True) -> Report:
-    from fmm.objectives import sampler_for
-    from fmm.teachers import ModelVelocity
-    from fmm.train import build_interpolant
+def build_protocol(exp: ExperimentConfig, interpolant: Interpolant, shape: tuple[int, ...], samples: int,
+                   seed: int = 0, metrics_wanted: list[str] | None = None, log=print) -> Protocol:
+    """The seeded noise set and reference for experiment `exp`'s data: exact draws and the float64
+    reference map of the same noise for a toy target, a seeded subset of the Parquet shards otherwise."""
+    g = torch.Generator().manual_seed(seed)
+    noise = interpolant.sigma0 * torch.randn((samples, *shape), generator=g)
+    wants_classifier = metrics_wanted is None or "fd_classifier" in metrics_wanted
+    reference, labelled = reference_set(exp, shape, samples, torch.Generator().manual_seed(seed + 1), wants_classifier)
+    if exp.data.target is None:
+        return Protocol(noise, Scorer(shape, reference, wanted=metrics_wanted, labelled=labelled))
+    target = make_target(exp.data.target)
+    exact = ExactVelocity(target, interpolant)
+    reference_map = log_density = extent = None
+    if metrics_wanted is None or "rmse_vs_ode" in metrics_wanted:
+        log(f"[fmm] float64 reference map of {samples} noise points ...")
+        reference_map = reference_flow_map(exact, 0.0, 1.0, noise.double())
+    if isinstance(target, BoxMixture):
+        extent = float(target.highs.max())
+        volume = (target.highs - target.lows).prod(1)
 
-    model, exp, tracked = load_run(source)
-    model.eval()
-    if exp is None:
-        raise ValueError(f"{source!r} carries no experiment config: evaluate a training run or a final.pt it wrote.")
-    interpolant = build_interpolant(exp)
-    if metrics_wanted is None and exp.data.target is not None:
-        metrics_wanted = ["sw2", "energy", "mmd", "w2_exact", "rmse_vs_ode"]
-    protocol = build_protocol(exp, interpolant, tuple(model.sample_shape), samples, seed, metrics_wanted, log)
-    teacher = protocol.exact if protocol.exact is not None else ModelVelocity(model)
+        def log_density(points):
+            inside = ((points[:, None] >= target.lows) & (points[:, None] <= target.highs)).all(-1)
+            return torch.log((inside.double() * (target.weights / volume)).sum(1))
+    return Protocol(noise, Scorer(shape, reference, reference_map, log_density, extent, metrics_wanted), exact)
+
+
+def evaluate_map(model: TwoTimeMap, exp: ExperimentConfig, interpolant: Interpolant, protocol: Protocol,
+                 steps: list[int], *, seed: int = 0, teacher: VelocityField | None = None, teacher_max_nfe: int = 64,
+                 log=print, progress: bool = True) -> tuple[Report, object]:
+    """The evaluation sequence of `fmm evaluate` and of a study's members: the map sampled by its
+    method's own sampler at each step count (and, given a teacher, that teacher's ODE solvers), all
+    from the protocol's noise. Returns the report and the sampler (for sample figures)."""
     sampler, kind = sampler_for(exp.objective, interpolant, seed=seed + 2)
-    report = run_protocol(model, teacher if with_teacher else None, protocol.noise, steps, protocol.scorer,
-                          teacher_max_nfe, log, sampler=sampler, sampler_kind=kind)
-    if log_mlflow and tracked is not None:
-        log_report(report, *tracked, model=model, steps=steps, sampler=sampler, sigma0=interpolant.sigma0)
-    return report
+    report = run_protocol(model, teacher, protocol.noise, steps, protocol.scorer, teacher_max_nfe, log,
+                          progress=progress, sampler=sampler, sampler_kind=kind)
+    return report, sampler
 
 
 def format_report(report: Report) -> str:
@@ -413,4 +288,5 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Report", "Row", "evaluate", "format_report", "parse_steps", "speedup", "teacher_grid"]
+__all__ = ["Protocol", "Report", "Row", "Scorer", "build_protocol", "evaluate_map", "format_report", "speedup",
+           "teacher_grid"]

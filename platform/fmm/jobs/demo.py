@@ -6,7 +6,7 @@ The student is a two-time MLP flow map X_{s,t}(x) = x + (t - s) v(s, t, x). Its 
 - off the diagonal (s < t), Lagrangian map distillation with the teacher under a stop-gradient,
   |d/dt X_{s,t}(I_s) - sg(b_t(X_{s,t}(I_s)))|^2 (FMM 2406.07507 LMD, as restated in LSD
   2505.18825 App. B.1, eq. (27)).
-The teacher is the exact velocity of the target (science.md §8), so the learned map can be judged
+The teacher is the exact velocity of the target (docs/science.md §8), so the learned map can be judged
 against the float64 reference flow map of the same noise, sample by sample.
 """
 
@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from fmm.flowmap import FlowMap
 from fmm.groundtruth import ExactVelocity, make_target, reference_flow_map
 from fmm.interpolants import Interpolant

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fmm.fid import frechet, statistics
+from fmm.evaluation.fid import frechet, statistics
 
 
 class SmallClassifier(nn.Module):

@@ -14,10 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from fmm import storage
 from fmm.checkpoint import load_flow_map
+from fmm.experiment.builders import build_interpolant
+from fmm.experiment.schema import ExperimentConfig
+from fmm.experiment.teachers import fetch_checkpoint
+from fmm.infra import storage
+from fmm.objectives import sampler_for
 from fmm.sampling import make_sampler
-from fmm.teachers import fetch_checkpoint
 
 
 def method_sampler(path: str, kind: str | None, seed: int, gamma: float = 0.0):
@@ -31,10 +34,6 @@ def method_sampler(path: str, kind: str | None, seed: int, gamma: float = 0.0):
             raise ValueError(f"--sampler {kind!r} re-noises along the run's interpolant, but this checkpoint records "
                              f"no experiment: use --sampler flow_map.")
         return 1.0, make_sampler("flow_map")
-    from fmm.experiment import ExperimentConfig
-    from fmm.objectives import sampler_for
-    from fmm.train import build_interpolant
-
     exp = ExperimentConfig(**config)
     interpolant = build_interpolant(exp)
     if kind is None:

@@ -26,7 +26,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from fmm.config import StrictModel, validate
-from fmm.storage import refuse_credentials
+from fmm.infra.storage import refuse_credentials
 
 
 class DataConfig(StrictModel):
@@ -58,6 +58,13 @@ class OptimConfig(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0)
 
 
+class DebugConfig(StrictModel):
+    """Fault injection, to exercise recovery: logged as params only when set."""
+
+    fail_at_step: int | None = Field(None, ge=1)  # the last worker raises once at this step (never after a restart)
+    nan_at_step: int | None = Field(None, ge=1)   # the last worker's batch is NaN once at this step (divergence)
+
+
 class TrainConfig(StrictModel):
     steps: int = Field(1000, ge=1, le=10**10)
     batch_size: int = Field(256, ge=1, le=2**24)
@@ -81,8 +88,7 @@ class TrainConfig(StrictModel):
         return steps
     max_rollbacks: int = Field(3, ge=0)            # non-finite loss or gradient: back to the last checkpoint
     rollback_lr_factor: float = Field(0.5, gt=0, le=1)  # ... with the learning rate times this, each time
-    fail_at_step: int | None = Field(None, ge=1)  # testing aid: raise once at this step to exercise recovery
-    nan_at_step: int | None = Field(None, ge=1)   # testing aid: a NaN batch once at this step (divergence)
+    debug: DebugConfig | None = None
 
 
 class ScalingConfig(StrictModel):

@@ -11,8 +11,11 @@ fails at once with its reason.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import shutil
 import uuid
+from urllib.parse import parse_qs, urlsplit
 
 import pyarrow.fs as pafs
 
@@ -27,8 +30,6 @@ def refuse_credentials(uri: str | None, key: str) -> None:
     would be copied into MLflow params, run records and checkpoints: refuse it, naming the key."""
     if not isinstance(uri, str) or "://" not in uri:
         return
-    from urllib.parse import parse_qs, urlsplit
-
     parts = urlsplit(uri)
     if "@" in parts.netloc or any(k.lower() in CREDENTIAL_QUERY_KEYS for k in parse_qs(parts.query)):
         raise ValueError(f"{key} carries credentials in its URI; give them through the environment instead "
@@ -70,8 +71,6 @@ class RetryingS3(pafs.S3FileSystem):
     filesystem to its train controller and workers."""
 
     def __init__(self, bucket: str, endpoint: str | None, region: str | None, attempts: int):
-        from urllib.parse import urlsplit
-
         self.arguments = (bucket, endpoint, region, attempts)
         options = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
                    "connect_timeout": 10.0, "request_timeout": 60.0}
@@ -125,8 +124,6 @@ def read_bytes(uri: str) -> bytes:
 
 def read_json(uri: str, missing: str):
     """The JSON document at `uri`; `missing` is the error message when there is no file there."""
-    import json
-
     try:
         data = read_bytes(uri)
     except ValueError:
@@ -149,19 +146,6 @@ def write_bytes(uri: str, data: bytes) -> None:
             out.write(data)
 
 
-def claim(folder: str, record: str, kind: str, name: str, resume: bool) -> bool:
-    """Whether `<folder>/<record>` (a sweep's or a study's record) exists, refusing a name already taken
-    unless `resume`, and a resume with nothing to resume; then checks that `folder` can be written."""
-    found = exists(join(folder, record))
-    if found and not resume:
-        raise ValueError(f"a {kind} named {name!r} already exists at {folder}: continue it with "
-                         f"'fmm {kind} --resume' or choose another name.")
-    if resume and not found:
-        raise ValueError(f"no {kind} to resume at {folder} (missing {record}).")
-    check_writable(folder, "storage.path")
-    return found
-
-
 def check_writable(uri: str, what: str) -> None:
     """Write and delete a marker under `uri`, so a bad path or refused credentials fail before any work.
     Local folders the check had to create are removed again: a refused run leaves nothing behind."""
@@ -182,6 +166,4 @@ def check_writable(uri: str, what: str) -> None:
                          f"AWS_ENDPOINT_URL for an S3-compatible server).") from None
     finally:
         if created is not None:
-            import shutil
-
             shutil.rmtree(created, ignore_errors=True)

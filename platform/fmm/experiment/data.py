@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from fmm import storage
+from fmm.groundtruth import make_target
+from fmm.infra import storage
 
 DATASETS = ("flower", "checkerboard", "digits", "fashion_mnist", "cifar10", "imagenet32")
 DEFAULT_SOURCES = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
@@ -74,12 +75,10 @@ def load(name: str, source: str | None = None, samples: int = 100_000, seed: int
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}.")
     if name in ("flower", "checkerboard"):
-        from fmm.groundtruth import make_target
-
         x = make_target(name).sample(samples, torch.Generator().manual_seed(seed)).numpy().astype(np.float32)
         return Samples(x, None, (x.shape[1],), "float32")
     if name == "digits":
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # scikit-learn's import costs a second; only digits need it
 
         digits = load_digits()
         x = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
@@ -186,3 +185,22 @@ def read_part(uri: str, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, di
 def read_labels(uri: str, rank: int = 0, world: int = 1) -> torch.Tensor:
     """The labels of the same rows as read_part."""
     return torch.from_numpy(np.ascontiguousarray(_read_rows(uri, "label", rank, world)[0])).long()
+
+
+class DataSource:
+    """Random batches from one worker's part of the Parquet shards, or exact draws of a toy target."""
+
+    def __init__(self, target: str | None, path: str | None, rank: int, world: int, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        if target is not None:
+            self.target, self.x = make_target(target), None
+            self.shape: tuple[int, ...] = (self.target.dim,)
+        else:
+            self.target = None
+            self.x, manifest = read_part(path, rank, world)
+            self.shape = tuple(manifest["shape"])
+
+    def batch(self, n: int) -> torch.Tensor:
+        if self.target is not None:
+            return self.target.sample(n, self.generator).float()
+        return self.x[torch.randint(len(self.x), (n,), generator=self.generator)]

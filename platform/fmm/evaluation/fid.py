@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from fmm import storage
+from fmm.infra import storage
 
 FEATURES = 2048
 RESIZE = "torch_bilinear"

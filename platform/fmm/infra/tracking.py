@@ -19,14 +19,14 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from fmm.infra.storage import refuse_credentials
+
 PARAM_CHUNK = 100  # MLflow's limit of params per log_batch
 # One checkpoint download per teacher, sampler or evaluation: a progress bar for each is noise in the logs.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def resolve_uri(uri: str | None = None) -> str:
-    from fmm.storage import refuse_credentials
-
     source = "tracking.uri" if uri else "MLFLOW_TRACKING_URI"
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     refuse_credentials(uri, source)

@@ -21,7 +21,14 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
-from fmm.evaluate import Row, first_within, speedup
+import matplotlib
+import matplotlib.pyplot as plt
+
+from fmm.evaluation.protocol import Row, first_within, speedup
+from fmm.experiment.study_schema import load_study
+from fmm.infra import tracking
+
+matplotlib.use("Agg")  # figures go to files and MLflow, never to a screen
 
 FIXED_STEP = ("euler", "heun-le", "rk4-le")
 
@@ -161,11 +168,6 @@ class Comparison:
         return "\n".join(lines) + "\n"
 
     def figure(self):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for c in self.methods:
             pts = sorted(c.scores.items())
@@ -190,8 +192,6 @@ class Comparison:
 
     def write(self, folder: str) -> list[str]:
         """comparison.csv, comparison.md and <metric>_vs_steps.png under `folder`; returns their paths."""
-        import matplotlib.pyplot as plt
-
         os.makedirs(folder, exist_ok=True)
         paths = [os.path.join(folder, "comparison.csv"), os.path.join(folder, "comparison.md"),
                  os.path.join(folder, f"{self.metric}_vs_steps.png")]
@@ -208,8 +208,6 @@ class Comparison:
         """The tables and the figure as artifacts of the study's run (comparison/)."""
         if self.parent_run_id is None:
             return
-        from fmm import tracking
-
         with tempfile.TemporaryDirectory() as folder:
             for path in self.write(folder):
                 tracking.client(self.tracking_uri).log_artifact(self.parent_run_id, path, "comparison")
@@ -254,8 +252,6 @@ def _method_curve(client, run, metric: str, label: str) -> Curve:
 
 def compare_study(uri: str, parent_run_id: str, metric: str | None = None) -> Comparison:
     """The comparison of the study whose MLflow run is `parent_run_id`."""
-    from fmm import tracking
-
     client = tracking.client(uri)
     parent = client.get_run(parent_run_id)
     metric = metric or parent.data.tags.get("eval_metric") or "sw2"
@@ -289,8 +285,6 @@ def compare_study(uri: str, parent_run_id: str, metric: str | None = None) -> Co
 
 def compare_experiment(uri: str, experiment_id: str, name: str, metric: str | None = None) -> Comparison:
     """Every evaluated top-level run of an experiment that holds no study, each against its own teacher curves."""
-    from fmm import tracking
-
     client = tracking.client(uri)
     runs = [r for r in client.search_runs([experiment_id], max_results=5000) if r.data.tags.get("eval_metric")]
     if not runs:
@@ -308,11 +302,7 @@ def compare_experiment(uri: str, experiment_id: str, name: str, metric: str | No
 
 def find(target: str, uri: str | None = None, metric: str | None = None) -> Comparison:
     """A study file, a study's name, or an MLflow experiment's name -> its Comparison."""
-    from fmm import tracking
-
     if target.endswith((".yaml", ".yml")):
-        from fmm.study import load_study
-
         study = load_study(target)
         uri, name = uri or study.tracking.uri, study.name
         experiments = [study.tracking.experiment]

@@ -1,7 +1,9 @@
-"""Velocity teachers for distillation: the exact velocity of a toy target, or a trained checkpoint's diagonal.
+"""Velocity teachers for distillation, and trained checkpoints fetched from wherever they live.
 
-Either way the teacher is a plain field b(t, x) with `sample_shape` (checked against the student
-before training) and `t_max` (the last time it may be evaluated; None when it is smooth on [0, 1]).
+A teacher is the exact velocity of a toy target or a trained checkpoint's diagonal; either way a
+plain field b(t, x) with `sample_shape` (checked against the student before training) and `t_max`
+(the last time it may be evaluated; None when it is smooth on [0, 1]). Checkpoints are local files,
+s3:// URIs or runs:/<mlflow run id>[/artifact path], fetched once per process.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import tempfile
 from typing import Literal
 
 import torch
-from torch import Tensor
 
-from fmm import storage
 from fmm.checkpoint import load_flow_map
 from fmm.config import StrictModel, validate
-from fmm.flowmap import TwoTimeMap, VelocityField
+from fmm.experiment.schema import ExperimentConfig
+from fmm.flowmap import FlowMap, ModelVelocity, VelocityField
 from fmm.groundtruth import ExactVelocity, make_target
+from fmm.infra import storage, tracking
+from fmm.infra.records import RUN_RECORD, RunRecord, read_record
 from fmm.interpolants import Interpolant
 
 
@@ -43,8 +46,6 @@ def _fetched() -> str:
 def fetch_checkpoint(path: str, tracking_uri: str | None = None) -> str:
     """A local file holding the checkpoint at `path` (downloaded from S3 or MLflow if needed)."""
     if path.startswith("runs:/"):
-        from fmm import tracking
-
         run_id, _, artifact = path[len("runs:/"):].partition("/")
         uri = tracking.resolve_uri(tracking_uri)
         try:
@@ -65,23 +66,6 @@ def fetch_checkpoint(path: str, tracking_uri: str | None = None) -> str:
     return path
 
 
-class ModelVelocity:
-    """The diagonal v_{t,t} of a trained, frozen flow map, as a velocity field."""
-
-    t_max = None
-
-    def __init__(self, model: TwoTimeMap):
-        self.model = model.eval().requires_grad_(False)
-        self.sample_shape = tuple(model.sample_shape)
-
-    def __call__(self, t: Tensor, x: Tensor) -> Tensor:
-        return self.model.velocity(t, x)
-
-    def to(self, device: torch.device | str) -> "ModelVelocity":
-        self.model.to(device)
-        return self
-
-
 def make_teacher(spec: dict | TeacherConfig, interpolant: Interpolant) -> VelocityField:
     cfg = validate(TeacherConfig, spec, "teacher")
     if cfg.kind == "exact":
@@ -91,3 +75,16 @@ def make_teacher(spec: dict | TeacherConfig, interpolant: Interpolant) -> Veloci
     if cfg.path is None:
         raise ValueError("teacher: kind 'checkpoint' needs 'path' (a flow-map checkpoint file).")
     return ModelVelocity(load_flow_map(fetch_checkpoint(cfg.path, cfg.tracking_uri), use_ema=cfg.use_ema))
+
+
+def load_trained(source: str, tracking_uri: str | None = None) -> tuple[FlowMap, ExperimentConfig | None, RunRecord | None]:
+    """(flow map with EMA weights, its experiment or None, its run record or None) for a run folder or URI,
+    a flow-map file, or runs:/<id> (on `tracking_uri`, by default as for training)."""
+    if storage.exists(storage.join(source, RUN_RECORD)):
+        record = read_record(source)
+        path = fetch_checkpoint(f"runs:/{record.mlflow_run_id}/checkpoints/final.pt", record.tracking_uri)
+        return load_flow_map(path), ExperimentConfig(**record.config), record
+    path = fetch_checkpoint(source, tracking_uri)
+    model = load_flow_map(path)  # first: a truncated or foreign file is a clear error there
+    config = torch.load(path, map_location="cpu", weights_only=False).get("config")
+    return model, (ExperimentConfig(**config) if config else None), None

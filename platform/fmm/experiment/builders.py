@@ -1,0 +1,98 @@
+"""From a validated experiment to the objects that train: interpolant, flow map, objective, teacher,
+optimiser and learning-rate schedule, and what can be said of the data and the reports up front."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fmm.experiment.data import read_manifest
+from fmm.experiment.schema import ExperimentConfig
+from fmm.experiment.teachers import make_teacher
+from fmm.flowmap import FlowMap, VelocityField
+from fmm.groundtruth import make_target
+from fmm.interpolants import Interpolant, make_schedule
+from fmm.nets import make_network
+from fmm.objectives import Objective, make_objective
+
+
+def build_interpolant(exp: ExperimentConfig) -> Interpolant:
+    spec = exp.interpolant
+    return Interpolant(make_schedule(spec.schedule, **spec.params), spec.sigma0, spec.latent_noise)
+
+
+def build_model(exp: ExperimentConfig) -> FlowMap:
+    network = dict(exp.network)
+    return FlowMap(make_network(network.pop("name"), **network))
+
+
+def build_objective(exp: ExperimentConfig, interpolant: Interpolant) -> Objective:
+    return make_objective(dict(exp.objective), interpolant)
+
+
+def build_teacher(exp: ExperimentConfig, interpolant: Interpolant) -> VelocityField | None:
+    """The experiment's velocity teacher (fetched from S3 or MLflow if need be), or None."""
+    if exp.teacher is None:
+        return None
+    spec = dict(exp.teacher)
+    if spec.get("kind") == "checkpoint" and "tracking_uri" not in spec:
+        spec["tracking_uri"] = exp.tracking.uri
+    return make_teacher(spec, interpolant)
+
+
+def lr_factor(optim, step: int) -> float:
+    """Linear warm-up, then constant, or 1/sqrt(step / decay_start) (LSD's schedule)."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.decay == "sqrt" and optim.decay_start and step > optim.decay_start:
+        return 1 / math.sqrt(step / optim.decay_start)
+    return 1.0
+
+
+def build_optimiser(exp: ExperimentConfig, params, total_steps: int):
+    """(optimiser, LambdaLR): warm-up, then constant, cosine to zero over `total_steps`, or sqrt decay."""
+    optim = exp.optim
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[optim.name]
+    optimiser = cls(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    if optim.decay == "cosine":
+        def factor(step: int) -> float:
+            warm = lr_factor(optim, step)
+            if step < optim.warmup_steps:
+                return warm
+            progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    else:
+        def factor(step: int) -> float:
+            return lr_factor(optim, step)
+    return optimiser, torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+
+
+def target_shape(exp: ExperimentConfig) -> tuple[int, ...] | None:
+    """The sample shape of a toy target (known without any I/O), None for Parquet data."""
+    return (make_target(exp.data.target).dim,) if exp.data.target is not None else None
+
+
+def data_shape(exp: ExperimentConfig) -> tuple[int, ...]:
+    """The sample shape of the experiment's data (reads a Parquet dataset's manifest)."""
+    return target_shape(exp) or tuple(read_manifest(exp.data.path)["shape"])
+
+
+def sample_shape(exp: ExperimentConfig) -> tuple[int, ...]:
+    """The shape of one sample as the config says it (the target's, else the network's), without I/O."""
+    return target_shape(exp) or tuple(build_model(exp).sample_shape)
+
+
+def eval_metric(exp: ExperimentConfig) -> str:
+    """train.eval_metric, or by default sliced W2 for vectors and the classifier-feature distance for images."""
+    if exp.train.eval_metric != "auto":
+        return exp.train.eval_metric
+    return "fd_classifier" if len(sample_shape(exp)) == 3 else "sw2"
+
+
+def reported_metrics(exp: ExperimentConfig) -> list[str]:
+    """The metric names every report of the loop carries (what a sweep may optimise): the loss, and with
+    train.eval_every the periodic evaluation's primary metric at each of train.eval_steps."""
+    if not exp.train.eval_every:
+        return ["loss"]
+    return ["loss"] + [f"eval/{eval_metric(exp)}_steps{k:03d}" for k in exp.train.eval_steps]

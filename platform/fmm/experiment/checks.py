@@ -1,0 +1,63 @@
+"""The checks that run before any work starts, each failure one ValueError naming the key.
+
+`check_config` needs nothing but the config: shapes, options, metrics, an exact teacher. It runs in
+a fraction of a second and is what `--dry-run` and the tests of every shipped file call.
+`check_environment` looks outside: the data is readable and shaped like the network, a checkpoint
+teacher can be fetched and fits the student, the storage can be written.
+"""
+
+from __future__ import annotations
+
+from fmm.experiment.builders import (build_interpolant, build_model, build_objective, build_teacher, data_shape,
+                                     target_shape)
+from fmm.config import validate
+from fmm.experiment.schema import ExperimentConfig
+from fmm.experiment.teachers import TeacherConfig, make_teacher
+from fmm.infra import storage
+
+
+class _TeacherNotRead:
+    """A checkpoint teacher before it is fetched: its shape is checked by check_environment."""
+
+    t_max = None
+
+
+def check_config(exp: ExperimentConfig, *, teacher_given_later: bool = False) -> None:
+    """Everything about `exp` that needs no data, storage or network. `teacher_given_later`: a distillation
+    member whose teacher is still to be trained (a study's) counts as having one."""
+    if exp.train.precision == "bf16" and not exp.scaling.use_gpu:
+        raise ValueError("train.precision 'bf16' is autocast on GPU: set scaling.use_gpu true or use 'fp32'.")
+    interpolant = build_interpolant(exp)
+    model = build_model(exp)
+    shape = target_shape(exp)
+    if shape is not None:
+        _check_shape(exp, shape, tuple(model.sample_shape))
+    objective = build_objective(exp, interpolant)
+    teacher = None
+    if exp.teacher is not None:
+        spec = validate(TeacherConfig, exp.teacher, "teacher")
+        teacher = make_teacher(spec, interpolant) if spec.kind == "exact" else _TeacherNotRead()
+    elif teacher_given_later:
+        teacher = _TeacherNotRead()
+    objective.prepare(model, teacher)
+
+
+def check_environment(exp: ExperimentConfig) -> None:
+    """What check_config cannot see: the data, a checkpoint teacher and the storage."""
+    interpolant = build_interpolant(exp)
+    model = build_model(exp)
+    if exp.data.path is not None:
+        _check_shape(exp, data_shape(exp), tuple(model.sample_shape))
+    if (exp.teacher or {}).get("kind") == "checkpoint":
+        build_objective(exp, interpolant).prepare(model, build_teacher(exp, interpolant))
+    storage.check_writable(exp.storage.path, "storage.path")
+
+
+def _check_shape(exp: ExperimentConfig, shape: tuple[int, ...], takes: tuple[int, ...]) -> None:
+    if takes != shape:
+        raise ValueError(f"the data's samples have shape {list(shape)} but network {exp.network['name']!r} "
+                         f"takes {list(takes)}: fix the network keys or data.")
+    image_metric = exp.train.eval_metric in ("fid", "fd_classifier")
+    if exp.train.eval_metric != "auto" and image_metric != (len(shape) == 3):
+        raise ValueError(f"train.eval_metric {exp.train.eval_metric!r} does not apply to samples of shape "
+                         f"{list(shape)}: use fid or fd_classifier for images, sw2, energy or mmd for vectors.")

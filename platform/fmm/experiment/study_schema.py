@@ -1,0 +1,275 @@
+"""Study files: every few-step method trained against one teacher on the same data, network and budget.
+
+    name: toy-flower
+    base:                                  # experiment sections every member shares: the budget
+      data: {target: flower}
+      interpolant: {schedule: linear}
+      network: {name: mlp, dim: 2, width: 256, depth: 3}
+      train: {steps: 1000, batch_size: 512}
+      scaling: {num_workers: 1, cpus_per_worker: 1}
+    teacher: {train: {objective: {name: flow_matching}, train: {steps: 2000}}}
+    #        or {checkpoint: teacher.pt | s3://... | runs:/<mlflow run id>}, or {exact: flower}
+    methods:                               # label: experiment sections over the base
+      lmd: {objective: {name: lmd, diagonal_fraction: 0.25}}
+      cd: {objective: {name: cd}}
+      lsd: {objective: {name: lsd}, train: {eval_every: 250},
+            sweep: {space: {optim.lr: {float: [3.0e-4, 3.0e-3], log: true}}, metric: eval/sw2_steps001}}
+    evaluation: {steps: [1, 2, 4, 8], samples: 10000, metrics: [sw2, energy], teacher_max_nfe: 64}
+    storage: {path: ./studies}
+    tracking: {experiment: fmm-studies}
+
+`plan_study` builds every member's experiment once and checks it statically (check_config): a
+distillation member whose teacher is still to be trained counts as having one, and is given the
+teacher's run when it exists (`StudyPlan.give_teacher`). Distillation methods get the study's
+teacher unless they name their own.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fmm.config import StrictModel, validate
+from fmm.experiment.builders import sample_shape
+from fmm.experiment.checks import check_config
+from fmm.experiment.schema import (ExperimentConfig, StorageConfig, TrackingConfig, apply_overrides, load_experiment,
+                                   read_yaml)
+from fmm.experiment.sweep_schema import (Distribution, MetricSpec, SchedulerSettings, SearchSettings, SweepConfig,
+                                         check_sweep)
+from fmm.infra import storage
+from fmm.metrics import IMAGE_METRICS, VECTOR_METRICS
+from fmm.objectives import OBJECTIVES
+
+NAME = r"^[A-Za-z0-9_.\-]+$"
+
+
+class TeacherSpec(StrictModel):
+    """Exactly one: `train` (experiment sections over the base, trained first), `checkpoint` (a flow-map
+    file, s3:// URI or runs:/<id>) or `exact` (a toy target's exact velocity)."""
+
+    train: dict[str, Any] | None = None
+    checkpoint: str | None = None
+    exact: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> TeacherSpec:
+        given = [k for k in ("train", "checkpoint", "exact") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of train: {experiment sections}, checkpoint: PATH or exact: TARGET"
+                             f" (got {given or 'none'})")
+        return self
+
+
+class MethodSweep(StrictModel):
+    """A sweep over one method's keys; its best trial stands for the method."""
+
+    space: dict[str, Distribution]
+    metric: str | list[MetricSpec]
+    mode: Literal["min", "max"] = "min"
+    search: SearchSettings = SearchSettings(num_samples=4, max_concurrent_trials=2)
+    scheduler: SchedulerSettings = SchedulerSettings()
+
+
+class EvaluationSpec(StrictModel):
+    steps: list[int] = [1, 2, 4, 8, 16]
+    samples: int = Field(4000, ge=10, le=10**7)
+    metrics: list[str] | None = None        # the first is the quality metric of the comparison
+    teacher_max_nfe: int = Field(64, ge=1, le=4096)
+    seed: int = 0
+
+    @field_validator("steps")
+    @classmethod
+    def _positive(cls, steps: list[int]) -> list[int]:
+        if not steps or any(not 1 <= k <= 4096 for k in steps):
+            raise ValueError(f"steps are positive sampling step counts, e.g. [1, 2, 4, 8]; got {steps}")
+        return sorted(set(steps))
+
+
+class StudyConfig(StrictModel):
+    name: str = Field(..., min_length=1, pattern=NAME)
+    base: dict[str, Any]
+    teacher: TeacherSpec
+    methods: dict[str, dict[str, Any]]
+    evaluation: EvaluationSpec = EvaluationSpec()
+    storage: StorageConfig = StorageConfig(path="./studies")
+    tracking: TrackingConfig = TrackingConfig(experiment="fmm-studies")
+    max_concurrent: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _checks(self) -> StudyConfig:
+        for key, uri in (("storage.path", self.storage.path), ("tracking.uri", self.tracking.uri),
+                         ("teacher.checkpoint", self.teacher.checkpoint)):
+            storage.refuse_credentials(uri, key)
+        if not self.methods:
+            raise ValueError("methods is empty: name at least one method (label: {objective: {name: ...}})")
+        for label, sections in self.methods.items():
+            if not re.match(NAME, label) or label == "teacher":
+                raise ValueError(f"method label {label!r}: use letters, digits, '_', '.', '-' (and not 'teacher')")
+            if not isinstance(sections, dict) or not isinstance(sections.get("objective"), dict):
+                raise ValueError(f"method {label!r} needs objective: {{name: ...}} (see `fmm objectives`)")
+        for key in ("name", "objective", "storage", "tracking"):
+            if key in self.base:
+                raise ValueError(f"base.{key}: the study sets each member's {key} itself; remove it from base")
+        return self
+
+
+def merged(base: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
+    """The base with a member's sections laid over it: mappings merge key by key, except the objective,
+    the teacher, the data and a network of another name, which a member replaces whole (one objective's
+    options mean nothing to another)."""
+    out = copy.deepcopy(base)
+    for key, value in sections.items():
+        whole = key in ("objective", "teacher", "data") or (
+            key == "network" and isinstance(value, dict) and "name" in value
+            and value["name"] != (out.get("network") or {}).get("name"))
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not whole:
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_study(path: str, overrides: list[str] | None = None) -> StudyConfig:
+    """Read and validate a study file, applying `key=value` overrides."""
+    raw = apply_overrides(read_yaml(path, "study"), overrides, "evaluation.samples=2000")
+    study = validate(StudyConfig, raw, f"study {path}")
+    # Ray workers run in other folders: local data and teacher paths are made absolute here (relative to
+    # the current folder, as for `fmm train`).
+    data = study.base.get("data") or {}
+    if isinstance(data.get("path"), str):
+        data["path"] = storage.absolute(data["path"])
+    for sections in study.methods.values():
+        if isinstance((sections.get("data") or {}).get("path"), str):
+            sections["data"]["path"] = storage.absolute(sections["data"]["path"])
+    checkpoint = study.teacher.checkpoint
+    if checkpoint and not checkpoint.startswith("runs:/"):
+        study.teacher.checkpoint = storage.absolute(checkpoint)
+    return study
+
+
+def needs_teacher(objective: dict[str, Any]) -> bool:
+    name = objective.get("name")
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)} (`fmm objectives`).")
+    return OBJECTIVES[name].needs_teacher
+
+
+def member_sweep(study: StudyConfig, label: str, spec: MethodSweep, uri: str | None = None) -> SweepConfig:
+    """The sweep of one method: its trials nest under the sweep's run, which nests under the study's."""
+    return SweepConfig(name=f"{study.name}-{label}", base="(study)", space=spec.space, metric=spec.metric,
+                       mode=spec.mode, search=spec.search, scheduler=spec.scheduler,
+                       storage={"path": storage.join(storage.absolute(study.storage.path), study.name, "sweeps")},
+                       tracking={"uri": uri or study.tracking.uri, "experiment": study.tracking.experiment})
+
+
+@dataclass
+class Member:
+    """One training run of a study: the teacher or a method, its experiment and its optional sweep."""
+
+    label: str
+    role: Literal["teacher", "method"]
+    exp: ExperimentConfig
+    sweep: MethodSweep | None = None
+    awaits_teacher: bool = False   # distils the study's teacher, which is trained first
+
+
+@dataclass
+class StudyPlan:
+    """The study's members, each built once: `teacher` (None for a checkpoint or exact teacher) and
+    `methods` in file order; `shape` is the sample shape every member shares."""
+
+    study: StudyConfig
+    tracking_uri: str
+    teacher: Member | None
+    methods: list[Member]
+    shape: tuple[int, ...]
+
+    def give_teacher(self, teacher_run_id: str) -> None:
+        """Point every member that awaits the study's teacher at the teacher's trained run."""
+        spec = teacher_reference(self.study, self.tracking_uri, teacher_run_id)
+        for member in self.methods:
+            if member.awaits_teacher:
+                member.exp.teacher = spec
+                member.awaits_teacher = False
+
+
+def teacher_reference(study: StudyConfig, uri: str, teacher_run_id: str | None) -> dict[str, Any] | None:
+    """The `teacher:` entry of a distillation member's experiment; None while the teacher is untrained."""
+    spec = study.teacher
+    if spec.exact is not None:
+        return {"kind": "exact", "target": spec.exact}
+    if spec.checkpoint is not None:
+        return {"kind": "checkpoint", "path": spec.checkpoint, "tracking_uri": uri}
+    if teacher_run_id is None:
+        return None
+    return {"kind": "checkpoint", "path": f"runs:/{teacher_run_id}/checkpoints/final.pt", "tracking_uri": uri}
+
+
+def member_experiment(study: StudyConfig, uri: str, label: str, sections: dict[str, Any],
+                      teacher: dict[str, Any] | None) -> ExperimentConfig:
+    """A member's experiment: the base with its sections, its name, the study's storage and tracking,
+    and the study's teacher if it distils one and names none of its own."""
+    raw = merged(study.base, {k: v for k, v in sections.items() if k != "sweep"})
+    raw["name"] = f"{study.name}-{label}"
+    raw["storage"] = {"path": storage.join(storage.absolute(study.storage.path), study.name, "runs")}
+    raw["tracking"] = {"uri": uri, "experiment": study.tracking.experiment}
+    if "teacher" not in sections:
+        raw.pop("teacher", None)
+        if needs_teacher(raw["objective"]) and teacher is not None:
+            raw["teacher"] = teacher
+    return load_experiment(raw=raw)
+
+
+def plan_study(study: StudyConfig, uri: str) -> StudyPlan:
+    """Every member's experiment, built once and checked by check_config, that all members see data of
+    one shape, and that the evaluation's metrics apply to it. Reads nothing but the config."""
+    where = f"study {study.name}"
+    teacher = None
+    if study.teacher.train is not None:
+        try:
+            objective = study.teacher.train.get("objective") or {}
+            if not isinstance(objective, dict) or needs_teacher(objective):
+                raise ValueError(f"objective {objective.get('name') if isinstance(objective, dict) else objective!r}"
+                                 f" needs a teacher itself; train the teacher with one that does not "
+                                 f"(flow_matching, or a direct or self-distillation objective)")
+            teacher = Member("teacher", "teacher", member_experiment(study, uri, "teacher", study.teacher.train, None))
+            check_config(teacher.exp)
+        except ValueError as err:
+            raise ValueError(f"{where}: teacher: {err}") from None
+    reference = teacher_reference(study, uri, None)
+    shapes: dict[str, tuple[int, ...]] = {}
+    if teacher is not None:
+        shapes["teacher"] = sample_shape(teacher.exp)
+    methods = []
+    for label, sections in study.methods.items():
+        try:
+            sweep = validate(MethodSweep, sections["sweep"], "sweep") if "sweep" in sections else None
+            exp = member_experiment(study, uri, label, sections, reference)
+            awaits = exp.teacher is None and needs_teacher(exp.objective) and teacher is not None
+            if study.teacher.exact is not None and study.teacher.exact != exp.data.target:
+                raise ValueError(f"teacher.exact {study.teacher.exact!r} is that toy target's velocity but the data "
+                                 f"is {exp.data.target or exp.data.path!r}: name the same target, train a teacher or "
+                                 f"give a checkpoint.")
+            check_config(exp, teacher_given_later=awaits)
+            if sweep is not None:
+                check_sweep(member_sweep(study, label, sweep, uri), exp.model_dump())
+        except ValueError as err:
+            raise ValueError(f"{where}: method {label!r}: {err}") from None
+        shapes[label] = sample_shape(exp)
+        methods.append(Member(label, "method", exp, sweep, awaits))
+    first = next(iter(shapes))
+    for label, shape in shapes.items():
+        if shape != shapes[first]:
+            raise ValueError(f"{where}: {first!r} trains on data of shape {list(shapes[first])} but {label!r} on "
+                             f"{list(shape)}: a study compares its methods on one dataset (base.data).")
+    shape = shapes[first]
+    allowed = IMAGE_METRICS if len(shape) == 3 else VECTOR_METRICS
+    bad = [m for m in study.evaluation.metrics or [] if m not in allowed]
+    if bad:
+        raise ValueError(f"{where}: evaluation.metrics {bad} do not apply to data of shape {list(shape)}; choose "
+                         f"from {list(allowed)}.")
+    return StudyPlan(study, uri, teacher, methods, shape)

@@ -1,0 +1,89 @@
+"""Ray, as every job meets it: start an embedded local Ray or join a cluster, and what the cluster can hold.
+
+`connect` is the one place a driver starts or joins Ray. On an autoscaling cluster the node types
+(from the autoscaler's published config, or the cluster file) bound what a trial or a study member
+may ask for; on a fixed cluster the resources it has now do.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+import ray._private.state
+
+from fmm.experiment.schema import ExperimentConfig, read_yaml
+
+
+def connect(address: str | None = None) -> None:
+    """Join the Ray at `address` (else RAY_ADDRESS), or start an embedded local one; once per process."""
+    if ray.is_initialized():
+        return
+    # Workers print progress once; Ray Train's print patch would echo every line a second time.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ray.init(address=address, log_to_driver=True)
+
+
+CLUSTER_CONFIG = "~/ray_bootstrap_config.yaml"  # where the Ray cluster launcher puts the head's cluster file
+
+
+def node_types() -> list[tuple[str, dict[str, float], int]] | None:
+    """(name, resources, max_workers) of each node type of an autoscaling cluster, or None on a fixed one.
+
+    From the autoscaler's published config (autoscaler v2, as Ray Train itself checks), else from the
+    cluster file: $FMM_CLUSTER_CONFIG, or the launcher's ~/ray_bootstrap_config.yaml on the head."""
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # no autoscaler state on this cluster
+        config = None
+    if config is not None and config.node_group_configs:
+        return [(g.name, dict(g.resources), g.max_count) for g in config.node_group_configs]
+    path = os.path.expanduser(os.environ.get("FMM_CLUSTER_CONFIG", CLUSTER_CONFIG))
+    if not os.path.isfile(path):
+        return None
+    cluster = read_yaml(path, "cluster")
+    types = cluster.get("available_node_types") or {}
+    head = cluster.get("head_node_type")
+    return [(name, {k: float(v) for k, v in (spec.get("resources") or {}).items()},
+             1 if name == head else int(spec.get("max_workers", cluster.get("max_workers", 0))))
+            for name, spec in types.items()]
+
+
+def check_resources(exp: ExperimentConfig, cluster: dict[str, float], max_concurrent: int,
+                    types: list[tuple[str, dict[str, float], int]] | None = None) -> int:
+    """The concurrency at which trials never wait on each other's workers. On an autoscaling cluster
+    (`types`) a worker must fit one node type and the types' node limits bound the concurrency; on a
+    fixed cluster the resources it has now do. A trial the cluster can never hold is an error."""
+    scaling = exp.scaling
+    worker = {"CPU": float(scaling.cpus_per_worker)}
+    if scaling.use_gpu:
+        worker["GPU"] = float(scaling.gpus_per_worker or 1)
+    what = f"{scaling.num_workers} worker(s) of {worker}"
+    if types:
+        def per_node(resources: dict[str, float]) -> int:
+            return int(min(resources.get(k, 0.0) // v for k, v in worker.items()))
+
+        fitting = [(name, per_node(res), count) for name, res, count in types if per_node(res) >= 1]
+        if not fitting:
+            listing = "; ".join(f"{name}: {res}" for name, res, _ in types)
+            raise ValueError(f"one trial needs {what} and no node type of this cluster can hold one worker "
+                             f"({listing}): lower scaling.* or add a node type that fits.")
+        if any(count < 0 for _, _, count in fitting):
+            return max_concurrent
+        workers = sum(n * count for _, n, count in fitting)
+        if workers < scaling.num_workers:
+            raise ValueError(f"one trial needs {what} but the cluster's node types hold at most {workers} such "
+                             f"workers ({', '.join(f'{name} x{count}' for name, _, count in fitting)}).")
+        return max(1, min(max_concurrent, workers // scaling.num_workers))
+    need_cpu = scaling.num_workers * worker["CPU"]
+    need_gpu = scaling.num_workers * worker.get("GPU", 0.0)
+    have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if need_cpu > have_cpu or need_gpu > have_gpu:
+        raise ValueError(f"one trial needs {need_cpu:g} CPU and {need_gpu:g} GPU ({what}) but the cluster offers "
+                         f"{have_cpu:g} CPU and {have_gpu:g} GPU: lower scaling.* in the base or the sweep's set, "
+                         f"or add nodes (on an autoscaling cluster whose node types fmm cannot read, point "
+                         f"FMM_CLUSTER_CONFIG at its cluster file).")
+    fits = int(have_cpu // need_cpu)
+    if need_gpu:
+        fits = min(fits, int(have_gpu // need_gpu))
+    return max(1, min(max_concurrent, fits))

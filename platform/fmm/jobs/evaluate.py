@@ -1,0 +1,112 @@
+"""`fmm evaluate`: quality against number of steps for a trained flow map and its teacher's ODE solvers,
+and the speed-up at equal quality, logged into the training run's MLflow run.
+
+The protocol (fmm.evaluation.protocol): one fixed noise set (seeded) serves every method. The flow
+map is sampled with its EMA weights by its method's own sampler at each step count. The teacher is
+the exact velocity when the run's data is a toy target with ground truth, else the flow map's own
+diagonal v(t, t, x); it is integrated by Euler, Heun and RK4 (both with an Euler last step, so no
+stage touches t = 1) at NFE 1 to `teacher_max_nfe`, and by dopri5 at a few tolerances. Every
+speed-up names the teacher's solver, its NFE and the sample size: against an Euler teacher a flow
+map looks 4 to 16 times better than against RK4.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+
+import matplotlib.pyplot as plt
+
+from fmm.evaluation.figures import quality_figure, sample_figure
+from fmm.evaluation.protocol import Report, Row, build_protocol, evaluate_map
+from fmm.experiment.builders import build_interpolant
+from fmm.experiment.teachers import load_trained
+from fmm.flowmap import ModelVelocity
+from fmm.infra.tracking import RunLogger
+
+
+def parse_steps(text: str) -> list[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8]; zero, negative or non-integer entries are refused by name."""
+    values = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item.isdigit() or int(item) < 1:
+            raise ValueError(f"--steps takes positive integers separated by commas (e.g. 1,2,4,8,16); got {item!r}.")
+        values.append(int(item))
+    return sorted(set(values))
+
+
+def log_rows(logger, rows: list[Row], solver_prefix: str = "teacher") -> None:
+    """Each row's scores at step = NFE: the learned map's as `<metric>` (and `<metric>_stepsNNN`, `nfe`),
+    an ODE solver's as `<solver_prefix>/<solver>/<metric>`, each with its seconds per sample."""
+    for row in rows:
+        prefix = "" if row.method == "flow_map" else f"{solver_prefix}/{row.method}/"
+        if row.method != "flow_map" and row.nfe == 0:
+            continue
+        values = {f"{prefix}{k}": v for k, v in row.scores.items() if math.isfinite(v)}
+        values[f"{prefix}seconds_per_sample"] = row.seconds_per_sample
+        if row.method == "flow_map":
+            values["nfe"] = row.nfe
+            values.update({f"{k}_steps{row.steps:03d}": v for k, v in row.scores.items() if math.isfinite(v)})
+        logger.log_metrics(values, step=row.nfe)
+
+
+def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps: list[int] | None = None,
+               sampler=None, sigma0: float = 1.0) -> None:
+    """The primary metric at step = NFE (MLflow's chart is then the quality-vs-steps curve), the other
+    metrics, NFE and wall-clock per sample alongside, teacher curves, the figure, the table and the
+    samples at each step count."""
+    logger = RunLogger(tracking_uri, run_id)
+    log_rows(logger, report.rows)
+    summary = report.speedup.get("summary")
+    if summary:
+        logger.log_metrics({"speedup/nfe_ratio": summary["nfe_ratio"],
+                            "speedup/wallclock_ratio": summary["wallclock_ratio"]}, step=0)
+    logger.set_tags({"eval_sampler": report.sampler, "eval_metric": report.primary, "eval_samples": report.samples})
+    logger.flush()
+    fig = quality_figure(report)
+    logger.log_figure(fig, f"evaluation/{report.primary}_vs_steps.png")
+    plt.close(fig)
+    if model is not None and steps:
+        shape = tuple(model.sample_shape)
+        if len(shape) == 3 or shape == (2,):
+            fig = sample_figure(model, shape, steps, next(model.parameters()).device, seed=0, sampler=sampler,
+                                sigma0=sigma0)
+            logger.log_figure(fig, "evaluation/samples.png")
+            plt.close(fig)
+    with tempfile.TemporaryDirectory() as folder:
+        table = os.path.join(folder, "evaluation.json")
+        with open(table, "w") as f:
+            json.dump({"primary": report.primary, "samples": report.samples, "rows": report.table(),
+                       "speedup": report.speedup}, f, indent=1)
+        csv = os.path.join(folder, "evaluation.csv")
+        keys = sorted({k for row in report.table() for k in row}, key=lambda k: (k not in
+                      ("method", "steps", "nfe", "seconds_per_sample"), k))
+        with open(csv, "w") as f:
+            f.write(",".join(keys) + "\n")
+            for row in report.table():
+                f.write(",".join(str(row.get(k, "")) for k in keys) + "\n")
+        logger.log_artifact(table, "evaluation")
+        logger.log_artifact(csv, "evaluation")
+
+
+def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 0, metrics_wanted=None,
+             teacher_max_nfe: int = 256, log_mlflow: bool = True, log=print, with_teacher: bool = True) -> Report:
+    """Score the run (or flow-map file) at `source` by the protocol, logging into its MLflow run if it has one."""
+    model, exp, record = load_trained(source)
+    model.eval()
+    if exp is None:
+        raise ValueError(f"{source!r} carries no experiment config: evaluate a training run or a final.pt it wrote.")
+    interpolant = build_interpolant(exp)
+    if metrics_wanted is None and exp.data.target is not None:
+        metrics_wanted = ["sw2", "energy", "mmd", "w2_exact", "rmse_vs_ode"]
+    protocol = build_protocol(exp, interpolant, tuple(model.sample_shape), samples, seed, metrics_wanted, log)
+    teacher = protocol.exact if protocol.exact is not None else ModelVelocity(model)
+    report, sampler = evaluate_map(model, exp, interpolant, protocol, steps, seed=seed,
+                                   teacher=teacher if with_teacher else None, teacher_max_nfe=teacher_max_nfe, log=log)
+    if log_mlflow and record is not None:
+        log_report(report, record.tracking_uri, record.mlflow_run_id, model=model, steps=steps, sampler=sampler,
+                   sigma0=interpolant.sigma0)
+    return report

@@ -1,0 +1,93 @@
+"""`fmm train`: one experiment as a Ray Train TorchTrainer job, tracked in MLflow.
+
+The driver checks everything that can fail before workers start (check_config, then the data, the
+teacher and the storage), opens or reopens the run's record and MLflow run, starts or joins Ray
+and fits the TorchTrainer (fmm.worker.trainer). The Ray run name and the MLflow run id point at each
+other (the run's tag `ray_run` and the record's `mlflow_run_id`), so a restarted or resumed run logs
+into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Any
+
+from fmm.experiment.checks import check_config, check_environment
+from fmm.experiment.schema import ExperimentConfig
+from fmm.infra import storage, tracking
+from fmm.infra.records import RUN_RECORD, RunRecord, open_record
+from fmm.jobs.cluster import connect
+from fmm.worker.trainer import make_trainer
+
+
+@dataclass
+class TrainResult:
+    name: str
+    run_dir: str
+    mlflow_run_id: str
+    tracking_uri: str
+    return_value: dict[str, Any] | None
+    checkpoint_path: str | None
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def run_params(exp: ExperimentConfig) -> dict[str, str]:
+    """The experiment as MLflow params; the fault-injection section only when it is set."""
+    config = exp.model_dump()
+    if config["train"]["debug"] is None:
+        del config["train"]["debug"]
+    return tracking.flatten(config)
+
+
+def open_run(exp: ExperimentConfig, *, resume: bool = False, parent_run_id: str | None = None,
+             extra_tags: dict[str, str] | None = None, extra_params: dict[str, str] | None = None,
+             run_id: str | None = None) -> RunRecord:
+    """The run's record at <storage>/<name>/fmm_run.json: a new MLflow run (nested under `parent_run_id`
+    for a sweep trial or a study member), or the recorded one on `resume`, or `run_id` when the caller
+    already has one (a restarted sweep trial)."""
+    run_dir = storage.join(exp.storage.path, exp.name)
+    tags = {"objective": exp.objective["name"], "schedule": exp.interpolant.schedule,
+            "dataset": exp.data.target or exp.data.path, "network": exp.network["name"],
+            "git_commit": git_commit(), "ray_run": exp.name, "ray_storage": run_dir, **(extra_tags or {})}
+    return open_record(run_dir, RUN_RECORD, kind="run", name=exp.name, resume=resume,
+                       resume_hint=f"'fmm train --resume {run_dir}'", tracking_uri=tracking.resolve_uri(exp.tracking.uri),
+                       experiment=exp.tracking.experiment, config=exp.model_dump(),
+                       params={**run_params(exp), **(extra_params or {})}, tags=tags, parent_run_id=parent_run_id,
+                       run_id=run_id)
+
+
+def run_training(exp: ExperimentConfig, *, address: str | None = None, resume: bool = False,
+                 log=print, parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> TrainResult:
+    """Check, record, track and fit. `resume` continues the run of the same name and storage; a new run
+    is nested under `parent_run_id` (a study's run) when given."""
+    check_config(exp)
+    check_environment(exp)
+    record = open_run(exp, resume=resume, parent_run_id=parent_run_id, extra_tags=extra_tags)
+    uri, run_id, run_dir = record.tracking_uri, record.mlflow_run_id, storage.join(exp.storage.path, exp.name)
+    log(f"[fmm] run {exp.name}: storage {run_dir}, MLflow run {run_id} at {uri}")
+
+    status = "FAILED"
+    try:
+        connect(address)
+        result = make_trainer(exp, record).fit()
+        status = "FINISHED"
+    except BaseException as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        tracking.set_tags(uri, run_id, {"failure_reason": reason[:5000]})
+        raise
+    finally:
+        tracking.end_run(uri, run_id, status)
+    checkpoint = storage.uri_of(exp.storage.path, result.checkpoint.path) if result.checkpoint is not None else None
+    if checkpoint:
+        tracking.set_tags(uri, run_id, {"ray_checkpoint": checkpoint})
+    return TrainResult(exp.name, run_dir, run_id, uri, result.return_value, checkpoint)
