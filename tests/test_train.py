@@ -4,22 +4,18 @@ back through MlflowClient, and moto's S3 server on loopback for storage and data
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import boto3
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fmm.experiment.data import prepare
-from fmm.experiment.schema import load_experiment
-from support.experiments import experiment
+from fmm.cli import main
 from fmm.experiment.builders import build_interpolant, build_model, build_optimiser
-from fmm.jobs.train import run_training
+from fmm.experiment.data import prepare
+from fmm.jobs.train import open_run, run_training
 from fmm.worker.state import State, load_state, save_state
-
-pytestmark = pytest.mark.slow
+from support.experiments import TRAIN_BASE, experiment
 
 def untrained_loss(exp) -> float:
     from fmm.objectives import make_objective
@@ -36,6 +32,7 @@ def untrained_loss(exp) -> float:
         return float(objective(model, x1, teacher=teacher)[0])
 
 
+@pytest.mark.slow
 def test_two_workers_learn_and_end_with_identical_parameters(ray_cluster, tmp_path):
     exp = experiment(tmp_path, name="two-workers", scaling__num_workers=2)
     result = run_training(exp, log=lambda *_: None)  # the loop checks at its end that the replicas agree
@@ -76,6 +73,7 @@ def test_checkpoint_round_trip_restores_model_optimiser_schedule_and_step(tmp_pa
             assert torch.equal(torch.as_tensor(sa["state"][key][name]), torch.as_tensor(sb["state"][key][name]))
 
 
+@pytest.mark.slow
 def test_a_baseline_trains_through_the_same_loop_and_resumes_its_target_network(ray_cluster, tmp_path):
     """Consistency distillation on two workers, one of which fails at step 45: the worker group restarts from
     the step-40 checkpoint in the same MLflow run; the EMA target network is objective state, broadcast,
@@ -118,6 +116,7 @@ def test_objective_state_round_trips_through_a_checkpoint(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_mlflow_run_holds_params_metrics_artifacts_and_tags_and_serves_as_teacher(ray_cluster, tmp_path):
     exp = experiment(tmp_path, name="tracked", train__eval_every=30, train__eval_samples=300)
     result = run_training(exp, log=lambda *_: None)
@@ -148,6 +147,7 @@ def test_mlflow_run_holds_params_metrics_artifacts_and_tags_and_serves_as_teache
     assert teacher(torch.full((4,), 0.5), torch.randn(4, 2)).shape == (4, 2)
 
 
+@pytest.mark.slow
 def test_s3_storage_and_parquet_data_checkpoint_and_resume(ray_cluster, tmp_path, s3_server):
     prepare("flower", "s3://fmm/data/flower", shards=4, samples=4000)
     exp = experiment(tmp_path, name="on-s3", data={"path": "s3://fmm/data/flower"}, storage={"path": "s3://fmm/runs"},
@@ -168,15 +168,10 @@ def test_s3_storage_and_parquet_data_checkpoint_and_resume(ray_cluster, tmp_path
     assert steps == [10, 20, 30, 40, 50, 60]
 
 
-def fmm_cli(*args, cwd, env=None):
-    return subprocess.run([sys.executable, "-m", "fmm.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, **(env or {})}, timeout=300)
-
-
 def write_yaml(tmp_path, **changes) -> str:
     import yaml
 
-    raw = copy.deepcopy(BASE)
+    raw = copy.deepcopy(TRAIN_BASE)
     raw["storage"] = {"path": str(tmp_path / "runs")}
     raw["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db"}
     raw.update(changes)
@@ -194,32 +189,37 @@ def write_yaml(tmp_path, **changes) -> str:
     ({"data": {"path": "/nowhere/shards"}}, [], r"no prepared dataset at '/nowhere/shards'"),
     ({"network": {"name": "mlp", "dim": 3}}, [], r"samples have shape \[2\] but network 'mlp' takes \[3\]"),
 ])
-def test_bad_input_is_a_clear_error_before_any_worker_starts(tmp_path, changes, args, message):
+def test_bad_input_is_a_clear_error_before_any_worker_starts(tmp_path, monkeypatch, capsys, changes, args, message):
     import re
 
-    result = fmm_cli("train", write_yaml(tmp_path, **changes), *args, cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert re.search(message, result.stderr) and "Traceback" not in result.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", write_yaml(tmp_path, **changes), *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err
     assert not (tmp_path / "runs" / "toy").exists()  # nothing half-written
 
 
-def test_refused_s3_credentials_stop_the_run_before_it_starts(tmp_path, refusing_s3):
-    result = fmm_cli("train", write_yaml(tmp_path, storage={"path": "s3://fmm/runs"}), cwd=tmp_path,
-                     env={"AWS_ENDPOINT_URL": refusing_s3, "AWS_ACCESS_KEY_ID": "nobody",
-                          "AWS_SECRET_ACCESS_KEY": "wrong", "AWS_REGION": "us-east-1"})
-    assert result.returncode == 2
-    assert "storage.path 's3://fmm/runs' cannot be written" in result.stderr
-    assert "ACCESS_DENIED" in result.stderr or "INVALID_ACCESS_KEY_ID" in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+@pytest.mark.slow
+def test_refused_s3_credentials_stop_the_run_before_it_starts(tmp_path, monkeypatch, capsys, refusing_s3):
+    for key, value in {"AWS_ENDPOINT_URL": refusing_s3, "AWS_ACCESS_KEY_ID": "nobody",
+                       "AWS_SECRET_ACCESS_KEY": "wrong", "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", write_yaml(tmp_path, storage={"path": "s3://fmm/runs"})]) == 2
+    err = capsys.readouterr().err
+    assert "storage.path 's3://fmm/runs' cannot be written" in err
+    assert "ACCESS_DENIED" in err or "INVALID_ACCESS_KEY_ID" in err, err
+    assert "Traceback" not in err
 
 
-def test_an_existing_run_name_is_not_overwritten(ray_cluster, tmp_path):
+def test_an_existing_run_name_is_not_overwritten(tmp_path):
     exp = experiment(tmp_path, name="once", train__steps=20)
-    run_training(exp, log=lambda *_: None)
+    open_run(exp)
     with pytest.raises(ValueError, match=r"a run named 'once' already exists .* --resume"):
         run_training(exp, log=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_a_teacher_checkpoint_on_s3_is_fetched(s3_server):
     from fmm.infra import storage
     from fmm.checkpoint import save_flow_map

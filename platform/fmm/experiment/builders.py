@@ -78,9 +78,16 @@ def data_shape(exp: ExperimentConfig) -> tuple[int, ...]:
     return target_shape(exp) or tuple(read_manifest(exp.data.path)["shape"])
 
 
+def shape_model(exp: ExperimentConfig) -> FlowMap:
+    """The experiment's flow map on the meta device: its structure and shapes, without weights (a 58M
+    U-Net builds in milliseconds), for checks that need no computation."""
+    with torch.device("meta"):
+        return build_model(exp)
+
+
 def sample_shape(exp: ExperimentConfig) -> tuple[int, ...]:
     """The shape of one sample as the config says it (the target's, else the network's), without I/O."""
-    return target_shape(exp) or tuple(build_model(exp).sample_shape)
+    return target_shape(exp) or tuple(shape_model(exp).sample_shape)
 
 
 def eval_metric(exp: ExperimentConfig) -> str:

@@ -8,7 +8,7 @@ teacher can be fetched and fits the student, the storage can be written.
 
 from __future__ import annotations
 
-from fmm.experiment.builders import (build_interpolant, build_model, build_objective, build_teacher, data_shape,
+from fmm.experiment.builders import (build_interpolant, build_objective, build_teacher, data_shape, shape_model,
                                      target_shape)
 from fmm.config import validate
 from fmm.experiment.schema import ExperimentConfig
@@ -28,7 +28,7 @@ def check_config(exp: ExperimentConfig, *, teacher_given_later: bool = False) ->
     if exp.train.precision == "bf16" and not exp.scaling.use_gpu:
         raise ValueError("train.precision 'bf16' is autocast on GPU: set scaling.use_gpu true or use 'fp32'.")
     interpolant = build_interpolant(exp)
-    model = build_model(exp)
+    model = shape_model(exp)
     shape = target_shape(exp)
     if shape is not None:
         _check_shape(exp, shape, tuple(model.sample_shape))
@@ -45,7 +45,7 @@ def check_config(exp: ExperimentConfig, *, teacher_given_later: bool = False) ->
 def check_environment(exp: ExperimentConfig) -> None:
     """What check_config cannot see: the data, a checkpoint teacher and the storage."""
     interpolant = build_interpolant(exp)
-    model = build_model(exp)
+    model = shape_model(exp)
     if exp.data.path is not None:
         _check_shape(exp, data_shape(exp), tuple(model.sample_shape))
     if (exp.teacher or {}).get("kind") == "checkpoint":

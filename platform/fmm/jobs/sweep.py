@@ -1,29 +1,12 @@
 """`fmm sweep SWEEP.yaml`: Ray Tune with Optuna over any experiment key, each trial a training run.
 
-The file (fmm.experiment.sweep_schema):
-
-    name: flower-schedules
-    base: ../train/flower_lmd.yaml        # the experiment every trial starts from (relative to this file)
-    set: {train.steps: 300, train.eval_every: 100}     # overrides of the base, for every trial
-    space:                                # dotted experiment keys; Optuna distributions
-      interpolant.schedule: {categorical: [linear, trig]}
-      objective.diagonal_fraction: {float: [0.0, 0.5]}
-      optim.lr: {float: [1.0e-4, 1.0e-2], log: true}
-      network.depth: {int: [2, 4]}
-      objective.invertibility_weight: {float: [0.1, 10], log: true, when: {objective.name: two_map}}
-    metric: eval/sw2_steps001             # or a list of {name, mode} for a multi-objective search
-    mode: min
-    search: {sampler: tpe, seed: 0, num_samples: 8, max_concurrent_trials: 2}
-    scheduler: {kind: asha, grace_period: 100, reduction_factor: 2}      # or {kind: fifo}
-    storage: {path: ./sweeps}             # or s3://bucket/prefix
-    tracking: {experiment: fmm-sweeps}
+The file is described in fmm.experiment.sweep_schema.
 
 Each trial applies its sampled values to the base and runs the same training loop as `fmm train`,
 reporting the step, the loss and the periodic evaluation to Tune at every evaluation, where ASHA
 may stop it (time attribute: the training step). A trial with one CPU worker runs the loop in the
 trial's own process; a distributed or GPU trial starts a TorchTrainer with its own workers and
-forwards their reports to Tune (Ray 2.60's Train-inside-Tune pattern). `when` makes a key
-conditional on values sampled before it (or the base's). MLflow gets one parent run per sweep and
+forwards their reports to Tune (Ray 2.60's Train-inside-Tune pattern). MLflow gets one parent run per sweep and
 a nested child run per trial, tagged with the Ray trial id; the trial's results carry the child's
 run id. `fmm sweep --resume SWEEP.yaml` restores the Tuner and runs only what is missing.
 """

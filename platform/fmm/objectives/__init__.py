@@ -14,13 +14,12 @@ from fmm.objectives import few_step  # noqa: F401
 from fmm.objectives.base import Objective, ObjectiveOptions, Term
 from fmm.objectives.registry import OBJECTIVES, make_objective
 from fmm.objectives.times import TimeSampling
+from fmm.sampling import make_sampler
 
 
 def sampler_for(spec: dict, interpolant, seed: int = 0):
     """(sampler, kind) with which the method of objective `spec` is evaluated: its authors' sampler
     (fmm.sampling.make_sampler), e.g. denoise-and-renoise for consistency models."""
-    from fmm.sampling import make_sampler
-
     how = make_objective(dict(spec), interpolant).sampler()
     return make_sampler(**how, interpolant=interpolant, seed=seed), how["kind"]
 

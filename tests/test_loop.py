@@ -1,0 +1,95 @@
+"""The training loop's logic in this process, through LocalSession (no Ray): checkpoints on the run's
+storage, periodic evaluation, rollback after a non-finite step, resume from the newest intact checkpoint,
+and a clear failure when a run keeps diverging. Each run is a few dozen steps of a small MLP against a
+real SQLite MLflow store."""
+
+import os
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from fmm.jobs.train import open_run
+from fmm.worker.loop import run_loop
+from fmm.worker.sessions import LocalSession
+from fmm.worker.state import verify_state
+from fmm.worker.trainer import loop_config
+from support.experiments import experiment
+
+SMALL = dict(network={"name": "mlp", "dim": 2, "width": 32, "depth": 2}, train__batch_size=64, train__steps=40,
+             train__checkpoint_every=10, train__log_every=5)
+
+
+def run(tmp_path, resume=False, **changes):
+    """Open (or reopen) the run's record and MLflow run, then train it in this process."""
+    exp = experiment(tmp_path, **{**SMALL, **changes})
+    record = open_run(exp, resume=resume)
+    config = loop_config(exp, record)
+    session = LocalSession(config["run_dir"])
+    result = run_loop(config, session)
+    return exp, record, session, result
+
+
+def history(record, key):
+    return [(m.step, m.value) for m in MlflowClient(record.tracking_uri).get_metric_history(record.mlflow_run_id, key)]
+
+
+def test_a_local_run_checkpoints_on_storage_reports_and_logs_every_interval(tmp_path):
+    exp, record, session, result = run(tmp_path, train__eval_every=20, train__eval_samples=200)
+    run_dir = os.path.join(exp.storage.path, exp.name)
+    assert result["step"] == 40
+    assert sorted(d for d in os.listdir(run_dir) if d.startswith("step_")) == [f"step_{k:08d}" for k in (10, 20, 30, 40)]
+    for k in (10, 20, 30, 40):
+        verify_state(os.path.join(run_dir, f"step_{k:08d}"))  # every checkpoint intact, with its checksum
+    assert [r["step"] for r in session.reports] == [10, 20, 30, 40]
+    assert "eval/sw2_steps001" in session.reports[1] and "eval/sw2_steps001" not in session.reports[0]
+    assert [s for s, _ in history(record, "train/loss")] == list(range(5, 41, 5))
+    assert [s for s, _ in history(record, "eval/sw2_steps001")] == [20, 40]
+    assert [s for s, _ in history(record, "sw2_vs_steps")] == [1, 2, 4]  # the quality-versus-steps curve
+    artifacts = {a.path for a in MlflowClient(record.tracking_uri).list_artifacts(record.mlflow_run_id, "checkpoints")}
+    assert artifacts == {"checkpoints/final.pt", "checkpoints/best.pt"}
+
+
+def test_a_resumed_run_continues_from_its_newest_checkpoint_in_the_same_mlflow_run(tmp_path):
+    _, first, _, _ = run(tmp_path, train__steps=20)
+    _, again, _, result = run(tmp_path, resume=True, train__steps=40)
+    assert again.mlflow_run_id == first.mlflow_run_id and result["step"] == 40
+    steps = [s for s, _ in history(again, "train/loss")]
+    assert steps == list(range(5, 41, 5))  # 5..20 from the first start, 25..40 after the resume, none twice
+    tags = MlflowClient(again.tracking_uri).get_run(again.mlflow_run_id).data.tags
+    assert tags["restored_from"].endswith("step_00000020") and "resumed_at" in tags
+
+
+def test_a_corrupt_newest_checkpoint_is_passed_over_for_the_one_before(tmp_path):
+    exp, first, _, _ = run(tmp_path, train__steps=20)
+    newest = os.path.join(exp.storage.path, exp.name, "step_00000020", "state.pt")
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) // 2)
+    _, again, _, result = run(tmp_path, resume=True, train__steps=30)
+    tags = MlflowClient(again.tracking_uri).get_run(again.mlflow_run_id).data.tags
+    assert result["step"] == 30 and tags["restored_from"].endswith("step_00000010")
+    assert "step_00000020" in tags["corrupt_checkpoint"] and "checksum" in tags["corrupt_checkpoint"]
+
+
+def test_a_non_finite_step_rolls_back_to_the_last_checkpoint_with_a_lower_learning_rate(tmp_path):
+    _, record, _, result = run(tmp_path, train__debug={"nan_at_step": 15}, optim={"lr": 4e-3})
+    assert result["step"] == 40
+    assert history(record, "train/rollbacks") == [(10, 1.0)]
+    lrs = dict(history(record, "train/lr"))
+    assert lrs[10] == pytest.approx(2e-3) and lrs[40] == pytest.approx(2e-3)  # halved from the rollback on
+    steps = [s for s, _ in history(record, "train/loss")]
+    assert steps == sorted(set(steps)) == list(range(5, 41, 5))  # steps 11..15 are logged once, after the rollback
+
+
+def test_a_run_that_keeps_diverging_fails_with_the_reason(tmp_path):
+    with pytest.raises(FloatingPointError, match="after 2 rollback"):
+        run(tmp_path, optim={"lr": 1e30, "grad_clip": None}, train__max_rollbacks=2)
+
+
+def test_the_loop_is_a_function_of_its_config(tmp_path):
+    """Two runs of the same config from scratch end at the same weights (seeded data and noise)."""
+    _, a, _, _ = run(tmp_path / "a")
+    _, b, _, _ = run(tmp_path / "b")
+    weights = [torch.load(os.path.join(tmp_path / x, "runs", "toy", "step_00000040", "state.pt"),
+                          weights_only=False)["model"] for x in ("a", "b")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
