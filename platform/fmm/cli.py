@@ -43,7 +43,7 @@ def _objectives(args: argparse.Namespace) -> int:
     from fmm.objectives import describe
 
     for row in describe():
-        print(f"{row['name']}  (teacher: {row['teacher']})")
+        print(f"{row['name']}  (teacher: {row['teacher']}; starts from: {row['init']})")
         print(f"    paper:    {row['paper']}")
         print(f"    equation: {row['equation']}")
         print(f"    options:  {row['options']}")
@@ -161,7 +161,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     wanted = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     report = evaluate(args.run, parse_steps(args.steps), samples=args.samples, seed=args.seed, metrics_wanted=wanted,
                       teacher_max_nfe=args.teacher_max_nfe, log_mlflow=not args.no_mlflow,
-                      with_teacher=not args.no_teacher)
+                      with_teacher=not args.no_teacher, teacher_path=args.teacher)
     print(format_report(report))
     return 0
 
@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--teacher-max-nfe", type=_positive_int, default=256)
     ev.add_argument("--no-mlflow", action="store_true", help="print only; do not log into the run")
     ev.add_argument("--no-teacher", action="store_true", help="score only the learned map (no solver baselines)")
+    ev.add_argument("--teacher", metavar="CHECKPOINT",
+                    help="flow-map file (path, s3:// or runs:/) whose diagonal is the teacher to compare with "
+                         "(default: the exact velocity, else the run's own teacher, else its diagonal if trained)")
     ev.set_defaults(func=_evaluate)
 
     smp = sub.add_parser("sample", help="write N-step samples of a flow map to .npy or .parquet")

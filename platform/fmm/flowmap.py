@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fmm.nets.base import TwoTimeNet
+from fmm.nets.embedding import TwoTimeEmbedding
 from fmm.tensor_checks import batch_times, check_unit_interval, expand_like
 
 VelocityField = Callable[[Tensor, Tensor], Tensor]
@@ -107,6 +108,27 @@ class FlowMap(TwoTimeMap):
 
     def _map(self, s: Tensor, t: Tensor, x: Tensor) -> Tensor:
         return x + expand_like(t - s, x) * self.net(s, t, x)
+
+    def start_from(self, teacher: FlowMap) -> None:
+        """Start from a trained velocity teacher of the same network, as distillation students do in the
+        consistency-model, CTM, progressive-distillation, sCM and Align Your Flow papers: its weights,
+        with every two-time embedding made blind to t - s (TwoTimeEmbedding.forget_step). At step 0 the
+        diagonal v_{t,t} is the teacher's velocity and X_{s,t}(x) = x + (t - s) b_s(x), the teacher's
+        Euler step (for s -> 1, the one-step denoiser those papers' students start as)."""
+        if not same_network(self, teacher):
+            raise ValueError(f"the teacher's network {getattr(teacher.net, 'config', None)} is not this model's "
+                             f"{getattr(self.net, 'config', None)}: a student starts from its teacher's weights only "
+                             f"when both are the same network.")
+        self.load_state_dict(teacher.state_dict())
+        for module in self.modules():
+            if isinstance(module, TwoTimeEmbedding):
+                module.forget_step()
+
+
+def same_network(a: nn.Module, b: nn.Module) -> bool:
+    """Whether the weights of `b` load into `a`: the same parameters and buffers, of the same shapes."""
+    shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in (a, b)]
+    return shapes[0] == shapes[1]
 
 
 class ModelVelocity:

@@ -76,7 +76,7 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidths: tuple[float, ...] = (0.1, 0.3, 1.0
 def exact_w2(x: Tensor, y: Tensor, max_points: int = 2000) -> float:
     """W2 between the empirical measures of (up to) `max_points` samples each, by exact optimal
     transport (POT's network simplex)."""
-    import ot
+    import ot  # POT pulls in its backends on import; only this metric needs it, and the library stays light
 
     a, b = x.to(F64).flatten(1)[:max_points].numpy(), y.to(F64).flatten(1)[:max_points].numpy()
     cost = ot.dist(a, b, metric="sqeuclidean")

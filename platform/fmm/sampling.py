@@ -196,11 +196,16 @@ def make_sampler(kind: str, interpolant=None, *, gamma: float = 0.0, seed: int =
     """A sampler `(flow_map, noise, steps) -> Solution` by name: 'flow_map' (deterministic chain of
     jumps), 'consistency' (denoise and re-noise) or 'gamma' (CTM's gamma-sampling). The stochastic
     ones draw their fresh noise from a generator seeded with `seed` at every call, so each call is
-    a deterministic function of the noise."""
+    a deterministic function of the noise. The sampler's `renoises` says whether it adds fresh noise
+    between steps (then a sample at two or more steps is not the map of its starting point)."""
     if kind not in SAMPLERS:
         raise ValueError(f"unknown sampler {kind!r}; choose one of {list(SAMPLERS)}.")
     if kind == "flow_map":
-        return lambda model, noise, steps: flow_map_sample(model, noise, steps=steps)
+        def chain(model, noise, steps):
+            return flow_map_sample(model, noise, steps=steps)
+
+        chain.renoises = False
+        return chain
     if interpolant is None:
         raise ValueError(f"the {kind!r} sampler re-noises along the interpolant: pass the interpolant.")
     g = 1.0 if kind == "consistency" else gamma
@@ -209,4 +214,5 @@ def make_sampler(kind: str, interpolant=None, *, gamma: float = 0.0, seed: int =
         return gamma_sample(model, noise, interpolant, gamma=g, steps=steps,
                             generator=torch.Generator().manual_seed(seed))
 
+    run.renoises = g > 0.0  # from two steps on, samples are no longer a function of their noise alone
     return run

@@ -9,12 +9,13 @@ import torch
 
 from fmm.experiment.data import read_manifest
 from fmm.experiment.schema import ExperimentConfig
-from fmm.experiment.teachers import make_teacher
-from fmm.flowmap import FlowMap, VelocityField
+from fmm.checkpoint import load_flow_map
+from fmm.experiment.teachers import fetch_checkpoint, make_teacher
+from fmm.flowmap import FlowMap, ModelVelocity, VelocityField
 from fmm.groundtruth import make_target
 from fmm.interpolants import Interpolant, make_schedule
 from fmm.nets import make_network
-from fmm.objectives import Objective, make_objective
+from fmm.objectives import OBJECTIVES, Objective, make_objective
 
 
 def build_interpolant(exp: ExperimentConfig) -> Interpolant:
@@ -39,6 +40,42 @@ def build_teacher(exp: ExperimentConfig, interpolant: Interpolant) -> VelocityFi
     if spec.get("kind") == "checkpoint" and "tracking_uri" not in spec:
         spec["tracking_uri"] = exp.tracking.uri
     return make_teacher(spec, interpolant)
+
+
+def resolve_init(exp: ExperimentConfig) -> str:
+    """What the student starts from: `init` as given, else its paper's choice (the objective's
+    init_from_teacher) when the teacher is a trained network, else "none" (the identity map)."""
+    if exp.init is not None:
+        return exp.init
+    cls = OBJECTIVES.get(exp.objective.get("name"))
+    checkpoint_teacher = (exp.teacher or {}).get("kind") == "checkpoint"
+    return "teacher" if cls is not None and cls.init_from_teacher and checkpoint_teacher else "none"
+
+
+def check_init(exp: ExperimentConfig) -> str:
+    """`init` against the teacher, statically: init: teacher needs a trained (checkpoint) teacher."""
+    init = resolve_init(exp)
+    kind = (exp.teacher or {}).get("kind")
+    if init == "teacher" and kind != "checkpoint":
+        have = "no teacher" if exp.teacher is None else "the exact velocity of a toy target, which has no network"
+        raise ValueError(f"init: teacher starts the student from its teacher's weights, but this experiment has "
+                         f"{have}: give teacher: {{kind: checkpoint, path: ...}}, init: a flow-map file, or "
+                         f"init: none.")
+    return init
+
+
+def initial_map(exp: ExperimentConfig, teacher: VelocityField | None) -> FlowMap | None:
+    """The trained flow map the student starts from (FlowMap.start_from), or None for the identity map."""
+    init = check_init(exp)
+    if init == "none":
+        return None
+    if init == "teacher":
+        assert isinstance(teacher, ModelVelocity)
+        return teacher.model
+    try:
+        return load_flow_map(fetch_checkpoint(init, exp.tracking.uri))
+    except ValueError as err:
+        raise ValueError(f"init: {err}") from None
 
 
 def lr_factor(optim, step: int) -> float:

@@ -8,11 +8,12 @@ teacher can be fetched and fits the student, the storage can be written.
 
 from __future__ import annotations
 
-from fmm.experiment.builders import (build_interpolant, build_objective, build_teacher, data_shape, shape_model,
-                                     target_shape)
+from fmm.experiment.builders import (build_interpolant, build_objective, build_teacher, check_init, data_shape,
+                                     initial_map, shape_model, target_shape)
 from fmm.config import validate
 from fmm.experiment.schema import ExperimentConfig
 from fmm.experiment.teachers import TeacherConfig, make_teacher
+from fmm.flowmap import same_network
 from fmm.infra import storage
 
 
@@ -40,16 +41,25 @@ def check_config(exp: ExperimentConfig, *, teacher_given_later: bool = False) ->
     elif teacher_given_later:
         teacher = _TeacherNotRead()
     objective.prepare(model, teacher)
+    if not teacher_given_later:
+        check_init(exp)
 
 
-def check_environment(exp: ExperimentConfig) -> None:
-    """What check_config cannot see: the data, a checkpoint teacher and the storage."""
+def check_environment(exp: ExperimentConfig, *, teacher_given_later: bool = False) -> None:
+    """What check_config cannot see: the data, a checkpoint teacher, the map `init` names, the storage.
+    `teacher_given_later`: the teacher (and what the student starts from) is checked when it exists."""
     interpolant = build_interpolant(exp)
     model = shape_model(exp)
     if exp.data.path is not None:
         _check_shape(exp, data_shape(exp), tuple(model.sample_shape))
-    if (exp.teacher or {}).get("kind") == "checkpoint":
-        build_objective(exp, interpolant).prepare(model, build_teacher(exp, interpolant))
+    teacher = build_teacher(exp, interpolant) if (exp.teacher or {}).get("kind") == "checkpoint" else None
+    if teacher is not None:
+        build_objective(exp, interpolant).prepare(model, teacher)
+    source = None if teacher_given_later else initial_map(exp, teacher)
+    if source is not None and not same_network(model, source):
+        raise ValueError(f"init: the student's network {model.net.config} is not the network of the map it "
+                         f"starts from, {source.net.config}: init copies weights, so both must be the same "
+                         f"network (or set init: none).")
     storage.check_writable(exp.storage.path, "storage.path")
 
 

@@ -6,6 +6,7 @@
     network: {name: mlp, dim: 2, width: 256, depth: 3}
     objective: {name: lmd, diagonal_fraction: 0.25}
     teacher: {kind: exact, target: flower}      # distillation only
+    init: teacher                               # none | teacher | a flow-map file; default: the method's paper
     optim: {name: adamw, lr: 2e-3, warmup_steps: 100, decay: cosine, grad_clip: 1.0}
     train: {steps: 2000, batch_size: 1024, ema_decay: 0.999, checkpoint_every: 500, log_every: 50}
     scaling: {num_workers: 1, cpus_per_worker: 2, use_gpu: false}
@@ -116,6 +117,7 @@ class ExperimentConfig(StrictModel):
     network: dict[str, Any]
     objective: dict[str, Any]
     teacher: dict[str, Any] | None = None
+    init: str | None = Field(None, min_length=1)   # none | teacher | checkpoint path or URI; None: the paper's
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
@@ -125,7 +127,7 @@ class ExperimentConfig(StrictModel):
     @model_validator(mode="after")
     def _parts(self) -> ExperimentConfig:
         for key, uri in (("data.path", self.data.path), ("storage.path", self.storage.path),
-                         ("tracking.uri", self.tracking.uri), ("teacher.path", (self.teacher or {}).get("path"))):
+                         ("tracking.uri", self.tracking.uri), ("teacher.path", (self.teacher or {}).get("path")), ("init", self.init)):
             refuse_credentials(uri, key)
         if "name" not in self.network:
             raise ValueError("network needs a 'name' (mlp or unet) and its keyword arguments")

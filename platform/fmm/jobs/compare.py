@@ -244,9 +244,14 @@ def _solver_curves(client, run, prefix: str, metric: str) -> dict[str, Curve]:
     return out
 
 
+def method_label(label: str, params: dict[str, str]) -> str:
+    """A method's name in the tables, with a gradient other than its paper's: `lsd[slope]`."""
+    return f"{label}[slope]" if params.get("objective.gradient") == "slope" else label
+
+
 def _method_curve(client, run, metric: str, label: str) -> Curve:
     rid = run.info.run_id
-    return Curve(label, rid, _history(client, rid, metric), _history(client, rid, "seconds_per_sample"),
+    return Curve(method_label(label, run.data.params), rid, _history(client, rid, metric), _history(client, rid, "seconds_per_sample"),
                  run.info.status, run.data.tags.get("eval_sampler", ""))
 
 

@@ -16,14 +16,17 @@ import json
 import math
 import os
 import tempfile
+import warnings
 
 import matplotlib.pyplot as plt
 
+from fmm.checkpoint import load_flow_map
 from fmm.evaluation.figures import quality_figure, sample_figure
-from fmm.evaluation.protocol import Report, Row, build_protocol, evaluate_map
-from fmm.experiment.builders import build_interpolant
-from fmm.experiment.teachers import load_trained
-from fmm.flowmap import ModelVelocity
+from fmm.evaluation.protocol import Protocol, Report, Row, build_protocol, evaluate_map
+from fmm.experiment.builders import build_interpolant, build_objective, build_teacher
+from fmm.experiment.schema import ExperimentConfig
+from fmm.experiment.teachers import fetch_checkpoint, load_trained
+from fmm.flowmap import FlowMap, ModelVelocity, VelocityField
 from fmm.infra.tracking import RunLogger
 
 
@@ -45,11 +48,14 @@ def log_rows(logger, rows: list[Row], solver_prefix: str = "teacher") -> None:
         prefix = "" if row.method == "flow_map" else f"{solver_prefix}/{row.method}/"
         if row.method != "flow_map" and row.nfe == 0:
             continue
-        values = {f"{prefix}{k}": v for k, v in row.scores.items() if math.isfinite(v)}
+        values = {f"{prefix}{k}": v for k, v in row.scores.items()}
         values[f"{prefix}seconds_per_sample"] = row.seconds_per_sample
         if row.method == "flow_map":
             values["nfe"] = row.nfe
-            values.update({f"{k}_steps{row.steps:03d}": v for k, v in row.scores.items() if math.isfinite(v)})
+            values.update({f"{k}_steps{row.steps:03d}": v for k, v in row.scores.items()})
+        for key, value in values.items():
+            if not math.isfinite(value):  # logged as it is (MLflow keeps NaN and infinity), and said
+                warnings.warn(f"{key} is {value} at NFE {row.nfe} ({row.method}); logged as such", stacklevel=2)
         logger.log_metrics(values, step=row.nfe)
 
 
@@ -64,7 +70,10 @@ def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps
     if summary:
         logger.log_metrics({"speedup/nfe_ratio": summary["nfe_ratio"],
                             "speedup/wallclock_ratio": summary["wallclock_ratio"]}, step=0)
-    logger.set_tags({"eval_sampler": report.sampler, "eval_metric": report.primary, "eval_samples": report.samples})
+    logger.set_tags({"eval_sampler": report.sampler, "eval_metric": report.primary, "eval_samples": report.samples,
+                     **({"eval_note": report.note} if report.note else {})})
+    if report.floors:
+        logger.log_metrics({f"floor/{name}": value for name, value in report.floors.items()}, step=0)
     logger.flush()
     fig = quality_figure(report)
     logger.log_figure(fig, f"evaluation/{report.primary}_vs_steps.png")
@@ -92,8 +101,29 @@ def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps
         logger.log_artifact(csv, "evaluation")
 
 
+def own_teacher(model: FlowMap, exp: ExperimentConfig, protocol: Protocol,
+                teacher_path: str | None = None) -> tuple[VelocityField | None, str]:
+    """The velocity whose ODE solvers a run is compared with, and a note when there is none: the exact
+    velocity of a toy target, else `teacher_path` (a flow-map file whose diagonal is the teacher), else
+    the run's own distillation teacher, else the run's diagonal v(t, t, x) if its objective trains it.
+    A consistency model learns X_{s,1} only: its diagonal is no velocity, so it gets no teacher rows."""
+    interpolant = build_interpolant(exp)
+    if protocol.exact is not None:
+        return protocol.exact, ""
+    if teacher_path is not None:
+        return ModelVelocity(load_flow_map(fetch_checkpoint(teacher_path, exp.tracking.uri))), ""
+    if (exp.teacher or {}).get("kind") == "checkpoint":
+        return build_teacher(exp, interpolant), ""
+    if build_objective(exp, interpolant).learns_velocity():
+        return ModelVelocity(model), ""
+    return None, (f"no teacher rows: {exp.objective['name']} never trains its diagonal v(t, t, x), so the run has no "
+                  f"velocity of its own to solve; give --teacher CHECKPOINT (a flow-map file) to compare with a "
+                  f"teacher's ODE solvers.")
+
+
 def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 0, metrics_wanted=None,
-             teacher_max_nfe: int = 256, log_mlflow: bool = True, log=print, with_teacher: bool = True) -> Report:
+             teacher_max_nfe: int = 256, log_mlflow: bool = True, log=print, with_teacher: bool = True,
+             teacher_path: str | None = None) -> Report:
     """Score the run (or flow-map file) at `source` by the protocol, logging into its MLflow run if it has one."""
     model, exp, record = load_trained(source)
     model.eval()
@@ -103,9 +133,10 @@ def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 
     if metrics_wanted is None and exp.data.target is not None:
         metrics_wanted = ["sw2", "energy", "mmd", "w2_exact", "rmse_vs_ode"]
     protocol = build_protocol(exp, interpolant, tuple(model.sample_shape), samples, seed, metrics_wanted, log)
-    teacher = protocol.exact if protocol.exact is not None else ModelVelocity(model)
-    report, sampler = evaluate_map(model, exp, interpolant, protocol, steps, seed=seed,
-                                   teacher=teacher if with_teacher else None, teacher_max_nfe=teacher_max_nfe, log=log)
+    teacher, note = own_teacher(model, exp, protocol, teacher_path) if with_teacher else (None, "")
+    report, sampler = evaluate_map(model, exp, interpolant, protocol, steps, seed=seed, teacher=teacher,
+                                   teacher_max_nfe=teacher_max_nfe, log=log)
+    report.note = note
     if log_mlflow and record is not None:
         log_report(report, record.tracking_uri, record.mlflow_run_id, model=model, steps=steps, sampler=sampler,
                    sigma0=interpolant.sigma0)

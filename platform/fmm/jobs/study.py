@@ -62,7 +62,7 @@ def check_study_environment(plan: StudyPlan) -> None:
     weights when the evaluation needs them (the error names where to put them, before any training)."""
     for member in ([plan.teacher] if plan.teacher else []) + plan.methods:
         try:
-            check_environment(member.exp)
+            check_environment(member.exp, teacher_given_later=member.awaits_teacher)
         except ValueError as err:
             raise ValueError(f"study {plan.study.name}: {member.role if member.role == 'teacher' else 'method'}"
                              f"{'' if member.role == 'teacher' else ' ' + repr(member.label)}: {err}") from None
@@ -120,7 +120,7 @@ class Evaluation:
         """The ODE solvers of `fmm evaluate` on `velocity`, from the protocol's noise."""
         protocol = self.protocol(exp)
         return run_protocol(None, velocity, protocol.noise, [], protocol.scorer, self.spec.teacher_max_nfe,
-                            log=lambda *_: None, progress=False)
+                            log=lambda *_: None, progress=False, kl_noise=protocol.kl_noise, floors=protocol.floors)
 
     def method(self, label: str, run_id: str) -> Report:
         """The method's final EMA map, sampled by its authors' sampler at each step count."""

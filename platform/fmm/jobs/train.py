@@ -14,6 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
+from fmm.experiment.builders import resolve_init
 from fmm.experiment.checks import check_config, check_environment
 from fmm.experiment.schema import ExperimentConfig
 from fmm.infra import storage, tracking
@@ -42,10 +43,12 @@ def git_commit() -> str:
 
 
 def run_params(exp: ExperimentConfig) -> dict[str, str]:
-    """The experiment as MLflow params; the fault-injection section only when it is set."""
+    """The experiment as MLflow params, with what the student starts from resolved (`init`); the
+    fault-injection section only when it is set."""
     config = exp.model_dump()
     if config["train"]["debug"] is None:
         del config["train"]["debug"]
+    config["init"] = resolve_init(exp)
     return tracking.flatten(config)
 
 

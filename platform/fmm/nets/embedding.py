@@ -39,6 +39,17 @@ class TwoTimeEmbedding(nn.Module):
         self.embed_step = nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim), nn.SiLU())
 
+    @torch.no_grad()
+    def forget_step(self) -> None:
+        """Make the embedding independent of t - s, as it is at t = s: the step's linear map is zeroed and
+        its value at a zero step folded into the bias. A network trained on the diagonal (a velocity
+        teacher) then gives v_{s,t} = v_{s,s} everywhere, and its map is the teacher's Euler step; the
+        zeroed weights still train (their input pos(t - s) is not zero)."""
+        zero = positional_embedding(torch.zeros(1, dtype=self.embed_step.weight.dtype,
+                                                device=self.embed_step.weight.device), self.dim, self.time_scale)
+        self.embed_step.bias.copy_(self.embed_step(zero)[0])
+        self.embed_step.weight.zero_()
+
     def forward(self, s: Tensor, t: Tensor) -> Tensor:
         e = self.embed_s(positional_embedding(s, self.dim, self.time_scale))
         e = e + self.embed_step(positional_embedding(t - s, self.dim, self.time_scale))

@@ -25,7 +25,8 @@ def sampler_for(spec: dict, interpolant, seed: int = 0):
 
 
 def describe() -> list[dict[str, str]]:
-    """One row per objective: name, paper, equation, whether it needs a teacher, and its options."""
+    """One row per objective: name, paper, equation, whether it needs a teacher, what its student starts
+    from by default (init), and its options."""
     rows = []
     for name, cls in OBJECTIVES.items():
         defaults = cls.Options()
@@ -33,6 +34,7 @@ def describe() -> list[dict[str, str]]:
                             if key != "time_sampling")
         rows.append({"name": name, "paper": cls.paper, "equation": cls.equation,
                      "teacher": "yes" if cls.needs_teacher else "no",
+                     "init": "teacher" if cls.init_from_teacher else "none",
                      "options": options + f", time_sampling.kind={defaults.time_sampling.kind!r}"})
     return rows
 

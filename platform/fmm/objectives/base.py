@@ -20,7 +20,9 @@ entries, combined by the weighting:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -82,6 +84,32 @@ class LearnedWeight(nn.Module):
         return self.out(self.embedding(s, t)).squeeze(1)
 
 
+class SharedRandomness:
+    """One random state, replayed for each branch of a residual, so that a target network or a tangent
+    (JVP) branch draws the same dropout masks as the student's forward pass, as the consistency-model
+    and MeanFlow code bases do. With independent masks the mask noise in a consistency residual does
+    not shrink with the grid gap while the signal does. Without dropout a replay changes nothing.
+
+        shared = SharedRandomness(x.device)
+        with shared.replay():
+            target = target_net(u, 1, x_u)
+        with shared.replay():
+            estimate = model(s, 1, x_s)
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+        yield
+
+
 def per_sample_mse(residual: Tensor) -> Tensor:
     return residual.pow(2).flatten(1).mean(1)
 
@@ -95,10 +123,13 @@ def lagrangian_residual(model: TwoTimeMap, s: Tensor, t: Tensor, x: Tensor, targ
     see JVPOptions (d/dt X = v + (t - s) d/dt v, so the slope enters with a plus sign).
     """
     if gradient == "slope":
+        shared = SharedRandomness(x.device)
         with torch.no_grad():
-            x_t, dx_dt = model.time_jvp(s, t, x)
+            with shared.replay():
+                x_t, dx_dt = model.time_jvp(s, t, x)
             residual = dx_dt - target_velocity(t, x_t)
-        v = model.slope(s, t, x)
+        with shared.replay():
+            v = model.slope(s, t, x)
         return v - v.detach() + residual
     x_t, dx_dt = model.time_jvp(s, t, x)
     if stop_gradient:
@@ -117,15 +148,18 @@ def eulerian_residual(model: TwoTimeMap, s: Tensor, t: Tensor, x: Tensor, b: Ten
     by a separate no-grad JVP; the full form backpropagates through one augmented JVP. gradient =
     "slope": see JVPOptions (d/ds X = -v + (t - s) d/ds v, so the slope enters with a minus sign).
     """
+    shared = SharedRandomness(x.device)
     if gradient == "slope":
-        with torch.no_grad():
+        with torch.no_grad(), shared.replay():
             residual = model.eulerian_jvp(s, t, x, b)[1]
-        v = model.slope(s, t, x)
+        with shared.replay():
+            v = model.slope(s, t, x)
         return v.detach() - v + residual
     if not semigradient:
         return model.eulerian_jvp(s, t, x, b)[1]
-    _, dx_ds = model.jvp(s, t, x, ds=1.0)
-    with torch.no_grad():
+    with shared.replay():
+        _, dx_ds = model.jvp(s, t, x, ds=1.0)
+    with torch.no_grad(), shared.replay():
         _, spatial = model.jvp(s, t, x, dx=b.detach())
     return dx_ds + spatial
 
@@ -168,6 +202,10 @@ class Objective(nn.Module):
     paper: ClassVar[str]
     equation: ClassVar[str]
     needs_teacher: ClassVar[bool] = False
+    init_from_teacher: ClassVar[bool] = False   # the paper's student starts from its teacher (experiment key init)
+    # Whether off-diagonal pairs (s, t) come arbitrarily close to the diagonal, which then trains too; not
+    # for maps to the data end only (consistency models) or on a fixed coarse grid (progressive distillation).
+    near_diagonal: ClassVar[bool] = True
     diagonal_target: ClassVar[Literal["teacher", "interpolant"]] = "interpolant"
     Options: ClassVar[type[ObjectiveOptions]] = ObjectiveOptions
 
@@ -192,6 +230,11 @@ class Objective(nn.Module):
         if t_max is not None and self.options.time_sampling.t_max > t_max:
             raise ValueError(f"objective '{self.name}': the teacher is singular beyond t = {t_max}; set "
                              f"time_sampling.t_max <= {t_max} (it is {self.options.time_sampling.t_max}).")
+
+    def learns_velocity(self) -> bool:
+        """Whether training makes the diagonal v_{t,t} a velocity (whose ODE the evaluation may solve as the
+        run's own teacher): a share of the batch on the diagonal, or pairs that come arbitrarily close to it."""
+        return self.options.diagonal_fraction > 0 or self.near_diagonal
 
     def before_step(self, model: TwoTimeMap, step: int) -> None:
         """Called once per training step before the loss (target networks update their EMA here)."""

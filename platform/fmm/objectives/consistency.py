@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from fmm.interpolants import Interpolant
-from fmm.objectives.base import Objective, ObjectiveOptions, TargetNetwork, Term
+from fmm.objectives.base import Objective, ObjectiveOptions, SharedRandomness, TargetNetwork, Term
 from fmm.objectives.registry import register
 from fmm.objectives.times import TimeSampling
 from fmm.tensor_checks import expand_like
@@ -140,6 +140,7 @@ class DiscreteConsistency(GridObjective):
     the grid of N(k) points; subclasses say how x^_{t_{n+1}} is made."""
 
     Options = ConsistencyOptions
+    near_diagonal = False  # only maps to the data end, X_{t_n,1}
 
     def __init__(self, interpolant, options):
         super().__init__(interpolant, options)
@@ -187,12 +188,17 @@ class DiscreteConsistency(GridObjective):
         x_s = self.interpolant.interpolate(s, x0, x1, z).x_t
         one = torch.ones_like(s)
         with torch.no_grad():
-            target = self.target_map(model)(u, one, self.next_point(x0, x1, z, s, u, x_s, teacher))
+            x_u = self.next_point(x0, x1, z, s, u, x_s, teacher)
+            shared = SharedRandomness(x1.device)
+            with shared.replay():
+                target = self.target_map(model)(u, one, x_u)
+        with shared.replay():
+            estimate = model(s, one, x_s)
         weight = None
         if self.options.time_weighting == "inverse_gap":
             sigma = self.interpolant.noise_to_signal(self.grid_times(n)).to(device=x1.device, dtype=x1.dtype)
             weight = 1.0 / (sigma[idx] - sigma[idx + 1])
-        return Term(model(s, one, x_s) - target, s, one, weight)
+        return Term(estimate - target, s, one, weight)
 
     def sampler(self) -> dict:
         return {"kind": "consistency"}
@@ -208,6 +214,7 @@ class CD(DiscreteConsistency):
     paper = "Consistency models 2303.01469, CD: eq. (7), Alg. 2"
     equation = "lambda d(X_{t_n,1}(x_{t_n}), sg X^-_{t_{n+1},1}(Heun_{t_n->t_{n+1}}(x_{t_n})))"
     needs_teacher = True
+    init_from_teacher = True  # "initialised with the pre-trained diffusion model" (§6)
     diagonal_target = "teacher"
 
     def next_point(self, x0, x1, z, s, u, x_s, teacher):
@@ -285,6 +292,7 @@ class EulerianConsistency(Objective):
 
     Options = ContinuousOptions
     fixed_end = True
+    near_diagonal = False  # AYF-EMD (fixed_end False) sets it back
 
     def warmup(self, step: int) -> float:
         o = self.options
@@ -301,15 +309,19 @@ class EulerianConsistency(Objective):
         s, t = self.times(x1.shape[0], step, x1)
         point = self.interpolant.interpolate(s, x0, x1, z)
         x_s = point.x_t
+        shared = SharedRandomness(x1.device)
         with torch.no_grad():
             b = teacher(s, x_s) if self.needs_teacher else point.dx_t
-            _, dx = model.jvp(s, t, x_s, ds=1.0, dx=b)
-            v = model.slope(s, t, x_s)
+            with shared.replay():
+                _, dx = model.jvp(s, t, x_s, ds=1.0, dx=b)
+            with shared.replay():
+                v = model.slope(s, t, x_s)
             g = (b - v) + self.warmup(step) * (dx - b + v)
             if self.options.tangent_norm is not None:
                 norm = g.flatten(1).norm(dim=1)
                 g = g / expand_like(norm + self.options.tangent_norm, g)
-        x_t = model(s, t, x_s)
+        with shared.replay():
+            x_t = model(s, t, x_s)
         return Term(x_t - (x_t.detach() + g), s, t)
 
     def sampler(self) -> dict:
@@ -326,6 +338,7 @@ class SCD(EulerianConsistency):
     paper = "sCM 2410.11081 §4 (sCD): eq. (8), tangent normalisation/warm-up §4.2, adaptive weight §4.3"
     equation = "|X_{s,1}(x_s) - sg(X_{s,1}(x_s) + g/(|g|+c))|^2, g = dX_{s,1}/ds along b (teacher)"
     needs_teacher = True
+    init_from_teacher = True  # sCD starts from the pre-trained TrigFlow model
     diagonal_target = "teacher"
     Options = SCMOptions
 
@@ -355,9 +368,11 @@ class AYFEMD(EulerianConsistency):
     paper = "Align Your Flow 2506.14603, AYF-EMD: Thm. 3.2 and §4 (tangent normalisation, regularised warm-up)"
     equation = "|X_{s,t}(x_s) - sg(X_{s,t}(x_s) + g/(|g|+c))|^2, g = (b - v) + r (t-s) D_s v"
     needs_teacher = True
+    init_from_teacher = True  # the flow map starts from the teacher, its extra time embedding zeroed
     diagonal_target = "teacher"
     Options = AYFOptions
     fixed_end = False
+    near_diagonal = True
 
 
 # -- consistency trajectory models --------------------------------------------------------------
@@ -385,6 +400,8 @@ class CTM(GridObjective):
     paper = "CTM 2310.02279: soft consistency eq. (6) without the GAN term, DSM on the diagonal"
     equation = "d(X^-_{c,1}(X_{a,c}(x_a)), sg X^-_{c,1}(X^-_{b,c}(Heun_{a->b}(x_a)))) + eta flow matching"
     needs_teacher = True
+    init_from_teacher = True  # CTM's student starts from the teacher's weights
+    near_diagonal = False     # grid pairs; its diagonal is trained by the DSM share
     Options = CTMOptions
 
     def offdiagonal(self, model, x0, x1, z, teacher, step) -> Term:
@@ -404,8 +421,11 @@ class CTM(GridObjective):
                 stepped = self.heun_step(teacher, times[at], times[(at + 1).clamp_max(n - 1)], x_b)
                 x_b = torch.where(expand_like(moving, x_b), stepped, x_b)
                 at = at + moving.long()
-            target = target_net(c, one, target_net(b, c, x_b))
-        estimate = target_net(c, one, model(a, c, x_a))
+            shared = SharedRandomness(x1.device)  # call k of each side draws the same masks
+            with shared.replay():
+                target = target_net(c, one, target_net(b, c, x_b))
+        with shared.replay():
+            estimate = target_net(c, one, model(a, c, x_a))
         return Term(estimate - target, a, c)
 
     def sampler(self) -> dict:

@@ -28,7 +28,7 @@ from fmm.distributed import broadcast_parameters, check_replicas_agree
 from fmm.evaluation.figures import sample_figure
 from fmm.evaluation.protocol import Scorer, reference_set
 from fmm.experiment.builders import (build_interpolant, build_model, build_objective, build_optimiser, build_teacher,
-                                     eval_metric)
+                                     eval_metric, initial_map)
 from fmm.experiment.data import DataSource
 from fmm.experiment.schema import ExperimentConfig
 from fmm.infra import storage
@@ -55,6 +55,9 @@ def run_loop(config: dict[str, Any], session: Session) -> dict[str, Any]:
     teacher = build_teacher(exp, interpolant)
     if hasattr(teacher, "to"):
         teacher = teacher.to(device)
+    source = initial_map(exp, teacher)  # the student starts from its teacher (init), before any copy of it
+    if source is not None:
+        model.start_from(source)
     objective.prepare(model, teacher)
     optimiser, scheduler = build_optimiser(exp, trainable_parameters(model, objective), exp.train.steps)
     state = State(model, copy.deepcopy(model).requires_grad_(False), objective, optimiser, scheduler)
