@@ -158,10 +158,10 @@ def test_the_tangent_branch_sees_the_students_mask(name):
     residual = objective.offdiagonal(model, x0, x1, None, None, step=10**6).residual.detach()
     torch.manual_seed(3)
     if name == "sct":
-        s = objective.options.time_sampling.single(256)
+        s = objective.options.time_sampling.single(256, interpolant=LINEAR)
         t = torch.ones(256)
     else:
-        s, t = objective.options.time_sampling.pair(256, 10**6)
+        s, t = objective.options.time_sampling.pair(256, 10**6, interpolant=LINEAR)
     masks = SharedRandomness(x0.device)
     point = LINEAR.interpolate(s, x0, x1)
     h = 1e-3
@@ -309,3 +309,27 @@ def test_consistency_distillation_from_its_teacher_beats_cd_from_the_identity_at
             errors[start] = map_rmse(student(torch.zeros(2000), torch.ones(2000), noise), ode)
     print("one-step RMSE against the teacher's ODE map:", errors)
     assert errors["teacher"] < 0.8 * errors["identity"], errors
+
+
+@pytest.mark.parametrize("name,mean,std", [("scd", -1.0, 1.4), ("sct", -1.0, 1.4), ("meanflow", -0.4, 1.0)])
+def test_scm_and_meanflow_propose_times_in_noise_level_whatever_sigma0(name, mean, std):
+    """log sigma ~ N(mean, std) for sigma the noise-to-signal ratio of the drawn time, at any sigma0."""
+    levels = []
+    for sigma0 in (0.5, 1.0, 2.0):
+        interpolant = Interpolant("linear", sigma0=sigma0)
+        sampling = make_objective({"name": name}, interpolant).options.time_sampling
+        torch.manual_seed(0)
+        times = sampling.single(20000, interpolant=interpolant, dtype=torch.float64)
+        levels.append(interpolant.noise_to_signal(times).log())
+    torch.testing.assert_close(levels[0], levels[2], rtol=0, atol=1e-9)
+    assert abs(float(levels[1].mean()) - mean) < 0.05 and abs(float(levels[1].std()) - std) < 0.05
+
+
+def test_scm_tangent_clipping_bounds_every_entry():
+    model = dropout_map().eval()
+    objective = make_objective({"name": "sct", "tangent_norm": None, "tangent_clip": 0.05, "warmup_steps": 0},
+                               LINEAR)
+    objective.prepare(model)
+    torch.manual_seed(0)
+    residual = objective.offdiagonal(model, torch.randn(256, 2), torch.randn(256, 2) * 3, None, None, 10).residual
+    assert 0.04 < float(residual.abs().max()) <= 0.05 + 1e-5  # X - (X + g) rounds in float32

@@ -248,7 +248,7 @@ class Objective(nn.Module):
     def diagonal(self, model: TwoTimeMap, x0: Tensor, x1: Tensor, z: Tensor | None,
                  teacher: VelocityField | None) -> Term:
         """v_{t,t}(I_t) against dI_t/dt (flow matching) or against the teacher's b_t(I_t)."""
-        t = self.options.time_sampling.single(x1.shape[0], device=x1.device, dtype=x1.dtype)
+        t = self.options.time_sampling.single(x1.shape[0], interpolant=self.interpolant, device=x1.device, dtype=x1.dtype)
         point = self.interpolant.interpolate(t, x0, x1, z)
         if self.diagonal_target == "teacher":
             with torch.no_grad():

@@ -268,14 +268,16 @@ class ICT(CT):
 # -- continuous time ----------------------------------------------------------------------------
 
 class ContinuousOptions(ObjectiveOptions):
-    tangent_norm: float | None = Field(0.1, gt=0.0)
+    tangent_norm: float | None = Field(0.1, gt=0.0)    # g / (|g| + c), sCM §4.2
+    tangent_clip: float | None = Field(None, gt=0.0)   # or clip each entry of g to [-c, c], sCM's alternative
     warmup_steps: int = Field(10_000, ge=0)
     warmup_max: float = Field(1.0, gt=0.0, le=1.0)
 
 
 class SCMOptions(ContinuousOptions):
     weighting: Literal["uniform", "learned"] = "learned"
-    time_sampling: TimeSampling = TimeSampling(kind="logit_normal", mean=1.0, std=1.4)
+    # sCM's proposal log sigma ~ N(P_mean = -1.0, P_std = 1.4), sigma the noise level (2410.11081 §4)
+    time_sampling: TimeSampling = TimeSampling(kind="log_normal_sigma", mean=-1.0, std=1.4)
 
 
 class EulerianConsistency(Objective):
@@ -286,8 +288,13 @@ class EulerianConsistency(Objective):
     whose gradient is -g . grad_theta X, the limit of |X_{s,t}(x_s) - sg X_{s+ds,t}(x_{s+ds})|^2 / ds.
     With X = x + (t - s) v the tangent splits as g = (b_s - v) + r (t - s) D_s v, D_s = d/ds + b . grad,
     computed by one no-grad JVP along (1, b_s); r is the tangent warm-up (0 to warmup_max over
-    warmup_steps) and g is normalised per sample, g / (|g| + c). b_s is the teacher's velocity
-    (distillation) or dI_s/ds of the sample (training).
+    warmup_steps) and g is normalised per sample, g / (|g| + c), or clipped entrywise to [-c, c]
+    (`tangent_clip`, sCM's alternative). b_s is the teacher's velocity (distillation) or dI_s/ds of the
+    sample (training). Times come from sCM's proposal in noise level, log sigma ~ N(-1.0, 1.4).
+
+    This is sCM's update applied to the flow-map form X = x + (1 - s) v with an X-space loss, not
+    TrigFlow's parametrisation f = cos(t) x - sin(t) sigma_d F(x / sigma_d, t) with its F-space loss;
+    the fixed point is the same, the weighting over time differs by about (1 - s) (docs/science.md §6.4).
     """
 
     Options = ContinuousOptions
@@ -301,9 +308,9 @@ class EulerianConsistency(Objective):
     def times(self, n: int, step: int, like: Tensor) -> tuple[Tensor, Tensor]:
         ts = self.options.time_sampling
         if self.fixed_end:
-            s = ts.single(n, device=like.device, dtype=like.dtype)
+            s = ts.single(n, interpolant=self.interpolant, device=like.device, dtype=like.dtype)
             return s, torch.ones_like(s)
-        return ts.pair(n, step, device=like.device, dtype=like.dtype)
+        return ts.pair(n, step, interpolant=self.interpolant, device=like.device, dtype=like.dtype)
 
     def offdiagonal(self, model, x0, x1, z, teacher, step) -> Term:
         s, t = self.times(x1.shape[0], step, x1)
@@ -320,6 +327,8 @@ class EulerianConsistency(Objective):
             if self.options.tangent_norm is not None:
                 norm = g.flatten(1).norm(dim=1)
                 g = g / expand_like(norm + self.options.tangent_norm, g)
+            if self.options.tangent_clip is not None:
+                g = g.clamp(-self.options.tangent_clip, self.options.tangent_clip)
         with shared.replay():
             x_t = model(s, t, x_s)
         return Term(x_t - (x_t.detach() + g), s, t)

@@ -39,7 +39,7 @@ class TwoMap(Objective):
     Options = TwoMapOptions
 
     def offdiagonal(self, model, x0, x1, z, teacher, step) -> Term:
-        s, t = self.options.time_sampling.pair(x1.shape[0], step, device=x1.device, dtype=x1.dtype)
+        s, t = self.options.time_sampling.pair(x1.shape[0], step, interpolant=self.interpolant, device=x1.device, dtype=x1.dtype)
         point = self.interpolant.interpolate(t, x0, x1, z)
         y = model(t, s, point.x_t)
         if self.options.gradient == "slope":
@@ -79,7 +79,7 @@ class EulerianDirect(Objective):
     Options = EulerianDirectOptions
 
     def offdiagonal(self, model, x0, x1, z, teacher, step) -> Term:
-        s, t = self.options.time_sampling.pair(x1.shape[0], step, device=x1.device, dtype=x1.dtype)
+        s, t = self.options.time_sampling.pair(x1.shape[0], step, interpolant=self.interpolant, device=x1.device, dtype=x1.dtype)
         point = self.interpolant.interpolate(s, x0, x1, z)
         return Term(eulerian_residual(model, s, t, point.x_t, point.dx_t, semigradient=True,
                                        gradient=self.options.gradient), s, t)

@@ -45,7 +45,7 @@ class LMD(Objective):
     Options = LMDOptions
 
     def offdiagonal(self, model, x0, x1, z, teacher, step) -> Term:
-        s, t = self.options.time_sampling.pair(x1.shape[0], step, device=x1.device, dtype=x1.dtype)
+        s, t = self.options.time_sampling.pair(x1.shape[0], step, interpolant=self.interpolant, device=x1.device, dtype=x1.dtype)
         x_s = self.interpolant.interpolate(s, x0, x1, z).x_t
         return Term(lagrangian_residual(model, s, t, x_s, teacher, self.options.stop_gradient,
                                                 self.options.gradient), s, t)
@@ -78,7 +78,7 @@ class EMD(Objective):
     Options = EMDOptions
 
     def offdiagonal(self, model, x0, x1, z, teacher, step) -> Term:
-        s, t = self.options.time_sampling.pair(x1.shape[0], step, device=x1.device, dtype=x1.dtype)
+        s, t = self.options.time_sampling.pair(x1.shape[0], step, interpolant=self.interpolant, device=x1.device, dtype=x1.dtype)
         x_s = self.interpolant.interpolate(s, x0, x1, z).x_t
         with torch.no_grad():
             b = teacher(s, x_s)
@@ -125,7 +125,7 @@ class PFMM(FrozenTeacherRounds):
         k = self.enter_round(model, step)
         jump = _EulerStepMap(teacher) if k == 0 else self.teacher_map
         s, t = self.options.time_sampling.pair(x1.shape[0], step, max_gap=self.max_gap(step),
-                                               device=x1.device, dtype=x1.dtype)
+                                               interpolant=self.interpolant, device=x1.device, dtype=x1.dtype)
         x_s = self.interpolant.interpolate(s, x0, x1, z).x_t
         u = 0.5 * (s + t)
         with torch.no_grad():

@@ -167,7 +167,9 @@ class Shortcut(Objective):
 
 class MeanFlowOptions(ObjectiveOptions):
     diagonal_fraction: float = Field(0.75, ge=0.0, le=1.0)
-    time_sampling: TimeSampling = TimeSampling(kind="logit_normal", mean=0.4, std=1.0)
+    # MeanFlow's logit-normal(-0.4, 1.0) on its t (t = 1 noise) is log sigma ~ N(-0.4, 1.0), sigma the
+    # noise level (sigma = t / (1 - t) there): proposed in sigma, it means the same at any sigma0
+    time_sampling: TimeSampling = TimeSampling(kind="log_normal_sigma", mean=-0.4, std=1.0)
     adaptive_power: float = Field(1.0, ge=0.0)
     adaptive_eps: float = Field(0.01, gt=0.0)
 
@@ -191,7 +193,7 @@ class MeanFlow(Objective):
     Options = MeanFlowOptions
 
     def offdiagonal(self, model, x0, x1, z, teacher, step) -> Term:
-        s, t = self.options.time_sampling.pair(x1.shape[0], step, device=x1.device, dtype=x1.dtype)
+        s, t = self.options.time_sampling.pair(x1.shape[0], step, interpolant=self.interpolant, device=x1.device, dtype=x1.dtype)
         point = self.interpolant.interpolate(s, x0, x1, z)
         return Term(eulerian_residual(model, s, t, point.x_t, point.dx_t, gradient="slope"), s, t)
 

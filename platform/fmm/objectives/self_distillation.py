@@ -32,7 +32,7 @@ class SelfDistillationBase(Objective):
     Options = JVPSelfDistillationOptions
 
     def _pair(self, x0, x1, z, step):
-        s, t = self.options.time_sampling.pair(x1.shape[0], step, device=x1.device, dtype=x1.dtype)
+        s, t = self.options.time_sampling.pair(x1.shape[0], step, interpolant=self.interpolant, device=x1.device, dtype=x1.dtype)
         return s, t, self.interpolant.interpolate(s, x0, x1, z).x_t
 
 
