@@ -20,6 +20,7 @@ import tempfile
 from typing import Any
 
 import matplotlib.pyplot as plt
+import mlflow
 import optuna
 import ray
 import ray.tune
@@ -64,7 +65,10 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         status = "FINISHED"
     except SystemExit:  # how Tune ends a trial its scheduler stopped
         status = "KILLED"
-        tracking.set_tags(uri, record.mlflow_run_id, {"stopped": "by the scheduler"})
+        try:
+            tracking.set_tags(uri, record.mlflow_run_id, {"stopped": "by the scheduler"})
+        except mlflow.exceptions.MlflowException:
+            pass  # the sweep's driver tagged it first (close_stopped_trials)
         raise
     except BaseException as err:
         tracking.set_tags(uri, record.mlflow_run_id, {"failure_reason": f"{type(err).__name__}: {err}"[:5000]})
@@ -170,11 +174,17 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False,
 
 
 def close_stopped_trials(uri: str, experiment_id: str, parent: str) -> None:
-    """Trials stopped by ASHA (or a killed sweep) never reach their own `finally`: mark them KILLED."""
+    """Trials stopped by ASHA (or a killed sweep) may not reach their own `finally`: mark them KILLED. A
+    stopped trial that is closing its run itself at the same moment may write the same tag first (the
+    store then refuses the second insert): what counts is that the run ends up closed."""
     c = tracking.client(uri)
     for run in c.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
-        c.set_tag(run.info.run_id, "stopped", "by the scheduler or an interrupted sweep")
-        c.set_terminated(run.info.run_id, status="KILLED")
+        try:
+            c.set_tag(run.info.run_id, "stopped", "by the scheduler or an interrupted sweep")
+        except mlflow.exceptions.MlflowException:
+            pass  # set by the trial itself meanwhile
+        if c.get_run(run.info.run_id).info.status == "RUNNING":
+            c.set_terminated(run.info.run_id, status="KILLED")
 
 
 def results_table(grid, sweep: SweepConfig) -> list[dict[str, Any]]:
