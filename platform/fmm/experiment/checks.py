@@ -1,16 +1,17 @@
 """The checks that run before any work starts, each failure one ValueError naming the key.
 
 `check_config` needs nothing but the config: shapes, options, metrics, an exact teacher. It runs in
-a fraction of a second and is what `--dry-run` and the tests of every shipped file call.
+a fraction of a second (networks are built on the meta device); the test of every shipped file
+calls it.
 `check_environment` looks outside: the data is readable and shaped like the network, a checkpoint
 teacher can be fetched and fits the student, the storage can be written.
 """
 
 from __future__ import annotations
 
+from fmm.config import validate
 from fmm.experiment.builders import (build_interpolant, build_objective, build_teacher, check_init, data_shape,
                                      initial_map, shape_model, target_shape)
-from fmm.config import validate
 from fmm.experiment.schema import ExperimentConfig
 from fmm.experiment.teachers import TeacherConfig, make_teacher
 from fmm.flowmap import same_network
