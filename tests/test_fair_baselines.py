@@ -7,15 +7,16 @@ import sys
 import pytest
 import torch
 
-from fmm.checkpoint import save_flow_map
+from fmm.checkpoint import load_flow_map, save_flow_map
 from fmm.cli import main
 from fmm.experiment.builders import build_interpolant, build_model, build_teacher, initial_map, resolve_init
 from fmm.experiment.checks import check_config, check_environment
-from fmm.flowmap import FlowMap
+from fmm.flowmap import FlowMap, TrigFlowMap
 from fmm.interpolants import Interpolant
 from fmm.nets import TwoTimeMLP, make_network
 from fmm.objectives import OBJECTIVES, describe, make_objective
 from fmm.objectives.base import SharedRandomness, TargetNetwork
+from fmm.tensor_checks import expand_like
 from support.experiments import experiment
 
 LINEAR = Interpolant("linear")
@@ -268,12 +269,16 @@ def test_an_infinite_metric_is_logged_as_such_with_a_warning(tmp_path):
     assert logged == [sys.float_info.max]  # MLflow stores an infinite value as the largest double
 
 
-def test_a_method_with_the_slope_gradient_is_labelled_so():
+def test_a_method_that_departs_from_its_paper_is_labelled_so():
     from fmm.jobs.compare import method_label
 
     assert method_label("lsd", {"objective.gradient": "slope"}) == "lsd[slope]"
     assert method_label("lsd", {"objective.gradient": "jvp"}) == "lsd"
     assert method_label("cd", {}) == "cd"
+    assert method_label("scd", {"objective.name": "scd", "map_form": "linear"}) == "scd[flowmap]"
+    assert method_label("scd", {"objective.name": "scd", "map_form": "trig"}) == "scd"
+    assert method_label("lsd", {"objective.name": "lsd", "map_form": "linear", "objective.gradient": "slope"}) \
+        == "lsd[slope]"
 
 
 @pytest.mark.slow
@@ -333,3 +338,105 @@ def test_scm_tangent_clipping_bounds_every_entry():
     torch.manual_seed(0)
     residual = objective.offdiagonal(model, torch.randn(256, 2), torch.randn(256, 2) * 3, None, None, 10).residual
     assert 0.04 < float(residual.abs().max()) <= 0.05 + 1e-5  # X - (X + g) rounds in float32
+
+
+# -- sCM as published: TrigFlow ------------------------------------------------------------------------------
+
+TRIG = Interpolant("trig", sigma0=0.5)
+
+
+def test_the_trigflow_map_is_trigflows_ddim_step_with_the_velocity_on_its_diagonal():
+    torch.manual_seed(0)
+    model = TrigFlowMap(make_network(**NETWORK)).double()
+    x = torch.randn(64, 2, dtype=torch.float64)
+    s = 0.9 * torch.rand(64, dtype=torch.float64)
+    t = s + (1 - s) * torch.rand(64, dtype=torch.float64)
+    with torch.no_grad():
+        u = model.net(s, t, x)
+        d = expand_like(torch.pi / 2 * (t - s), x)
+        torch.testing.assert_close(model(s, t, x), torch.cos(d) * x + 2 / torch.pi * torch.sin(d) * u)
+        torch.testing.assert_close(model.slope(s, t, x), (model(s, t, x) - x) / (t - s)[:, None])
+        assert torch.equal(model(s, s, x), x)
+    _, dt = model.time_jvp(s, s, x)  # d/dt X_{s,t} at t = s: the velocity, which is the diagonal u_{s,s}
+    torch.testing.assert_close(dt, model.net(s, s, x))
+    torch.testing.assert_close(model.velocity(s, x), model.net(s, s, x))
+    teacher = trained_looking().double()  # a flow-matching teacher's weights start a TrigFlow student
+    model.start_from(teacher)
+    torch.testing.assert_close(model.velocity(s, x), teacher.velocity(s, x))
+
+
+def test_scm_trains_trigflow_on_the_trig_schedule_and_its_checkpoint_says_so(tmp_path):
+    trig = {"schedule": "trig", "sigma0": 0.5}
+    assert type(build_model(experiment(tmp_path, objective={"name": "sct"}, interpolant=trig))) is TrigFlowMap
+    assert type(build_model(experiment(tmp_path, objective={"name": "sct"}))) is FlowMap  # linear: flowmap
+    assert type(build_model(experiment(tmp_path, objective={"name": "sct", "form": "flowmap"},
+                                       interpolant=trig))) is FlowMap
+    assert type(build_model(experiment(tmp_path, interpolant=trig))) is FlowMap  # FMM's own map
+    with pytest.raises(ValueError, match="form 'trigflow'.*schedule is 'linear'"):
+        make_objective({"name": "scd", "form": "trigflow"}, LINEAR)
+    torch.manual_seed(0)
+    model, path = TrigFlowMap(make_network(**NETWORK)), str(tmp_path / "trig.pt")
+    save_flow_map(path, model)
+    loaded = load_flow_map(path)
+    x, s, one = torch.randn(16, 2), 0.5 * torch.rand(16), torch.ones(16)
+    assert type(loaded) is TrigFlowMap
+    torch.testing.assert_close(loaded(s, one, x), model(s, one, x), rtol=0, atol=0)
+
+
+def test_the_trigflow_loss_is_scms_tangent_written_in_f():
+    """sCM's tangent written out in its own variables (2410.11081 eq. (8), §4.2), independently of the
+    objective's algebra on X: F = -2 u / (pi sigma_d) from the network, dF/dtau by a JVP in TrigFlow time,
+    g = -cos^2 (sigma_d F - dx/dtau) - r sin cos (x + sigma_d dF/dtau), normalised. The F-space residual
+    F - sg(F + g) has the value -g."""
+    torch.manual_seed(0)
+    model, sigma_d = TrigFlowMap(make_network(**NETWORK)).double(), TRIG.sigma0
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    objective = make_objective({"name": "sct", "warmup_steps": 100}, TRIG)
+    objective.prepare(model)
+    x0, x1 = 0.5 * torch.randn(256, 2, dtype=torch.float64), torch.randn(256, 2, dtype=torch.float64)
+    torch.manual_seed(3)
+    residual = objective.offdiagonal(model, x0, x1, None, None, step=30).residual.detach()
+    torch.manual_seed(3)
+    s = objective.options.time_sampling.single(256, interpolant=TRIG, dtype=torch.float64).clamp(max=1 - 1e-5)
+    point, r = TRIG.interpolate(s, x0, x1), 0.3
+    tau, x, one = torch.pi / 2 * (1 - s), point.x_t, torch.ones(256, dtype=torch.float64)
+    dx_dtau = -2 / torch.pi * point.dx_t
+
+    def big_f(tau_, x_):
+        return -2 / (torch.pi * sigma_d) * model.net(1 - 2 * tau_ / torch.pi, one, x_)
+
+    with torch.no_grad():
+        f, df = torch.func.jvp(big_f, (tau, x), (one, dx_dtau))
+    cos, sin = torch.cos(tau)[:, None], torch.sin(tau)[:, None]
+    g = -cos**2 * (sigma_d * f - dx_dtau) - r * sin * cos * (x + sigma_d * df)
+    g = g / (g.norm(dim=1, keepdim=True) + 0.1)
+    torch.testing.assert_close(residual, -g, rtol=0, atol=1e-9)
+
+
+def test_a_teacher_trained_on_another_path_is_moved_to_the_students(tmp_path):
+    """sCD as published runs on TrigFlow's path; a flow-matching teacher trained on the linear path serves
+    it through VelocityOnPath, whose velocity is the trig path's (checked here on the teacher's own field)."""
+    linear = experiment(tmp_path, network=NETWORK, interpolant={"schedule": "linear", "sigma0": 0.5})
+    path = str(tmp_path / "linear_teacher.pt")
+    save_flow_map(path, trained_looking(), extra={"config": linear.model_dump()})
+    trig = {"schedule": "trig", "sigma0": 0.5}
+    exp = experiment(tmp_path, objective={"name": "scd"}, network=NETWORK, interpolant=trig,
+                     teacher={"kind": "checkpoint", "path": path})
+    teacher = build_teacher(exp, build_interpolant(exp))
+    direct = trained_looking()
+    t, x = torch.rand(64), torch.randn(64, 2)
+    # on the trig path at time t the linear path's time is t' = tan / (1 + tan) of pi t / 2, and the scale c = cos + sin
+    a, b = torch.cos(torch.pi * t / 2)[:, None], torch.sin(torch.pi * t / 2)[:, None]
+    c, t_lin = a + b, (b / (a + b))[:, 0]
+    dc, dt_lin = torch.pi / 2 * (a - b), torch.pi / 2 / (a + b) ** 2
+    with torch.no_grad():
+        expected = dc / c * x + c * dt_lin * direct.velocity(t_lin, x / c)
+        torch.testing.assert_close(teacher(t, x), expected, rtol=1e-4, atol=1e-5)
+    student = build_model(exp)  # TrigFlow, started from the moved teacher's network
+    student.start_from(initial_map(exp, teacher))
+    torch.testing.assert_close(student.velocity(t, x), direct.velocity(t, x), rtol=1e-4, atol=1e-5)  # float32
+    other = experiment(tmp_path, objective={"name": "scd"}, network=NETWORK,
+                       interpolant={"schedule": "trig", "sigma0": 1.0}, teacher={"kind": "checkpoint", "path": path})
+    with pytest.raises(ValueError, match="trained on Interpolant.*sigma0 is 0.5"):
+        build_teacher(other, build_interpolant(other))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fmm.interpolants import SCHEDULES, Interpolant, WarpedSchedule, make_schedule
+from fmm.interpolants import SCHEDULES, Interpolant, VelocityOnPath, WarpedSchedule, make_schedule
 
 F64 = torch.float64
 
@@ -113,3 +113,32 @@ def test_shape_mismatches_are_refused_not_broadcast():
         Interpolant("linear", latent_noise=0.1).interpolate(0.5, torch.zeros(4, 2), torch.zeros(4, 2))
     with pytest.raises(ValueError, match="sigma0"):
         Interpolant("linear", sigma0=0.0)
+
+
+# -- a velocity moved from one path to another ------------------------------------------------------------
+
+PATHS = {"linear": lambda: Interpolant("linear", sigma0=0.5), "trig": lambda: Interpolant("trig", sigma0=0.5),
+         "warped": lambda: Interpolant(WarpedSchedule(1.0, -0.5), sigma0=0.5)}
+
+
+@pytest.mark.parametrize("source,target", [(a, b) for a in PATHS for b in PATHS if a != b])
+def test_an_exact_velocity_moved_to_another_path_is_that_paths_exact_velocity(source, target):
+    from fmm.groundtruth import ExactVelocity, GaussianMixture
+
+    mixture = GaussianMixture(torch.tensor([0.3, 0.7], dtype=F64), torch.tensor([[1.0, -1.0], [-2.0, 0.5]], dtype=F64),
+                              torch.tensor([[[0.5, 0.2], [0.2, 0.3]], [[0.2, 0.0], [0.0, 0.6]]], dtype=F64))
+    a, b = PATHS[source](), PATHS[target]()
+    moved = VelocityOnPath(ExactVelocity(mixture, a), a, b)
+    t = torch.cat([torch.tensor([0.0, 1e-6, 0.5, 1 - 1e-6]), torch.rand(300)]).double()
+    x = torch.randn(304, 2, dtype=torch.float64)
+    torch.testing.assert_close(moved(t, x), ExactVelocity(mixture, b)(t, x), rtol=0, atol=1e-10)
+
+
+def test_a_velocity_moves_only_between_paths_of_the_same_noise():
+    linear = Interpolant("linear", sigma0=0.5)
+    with pytest.raises(ValueError, match="sigma0 is 0.5 .* and 1.0"):
+        VelocityOnPath(lambda t, x: x, linear, Interpolant("trig", sigma0=1.0))
+    with pytest.raises(ValueError, match="latent_noise 0.2"):
+        VelocityOnPath(lambda t, x: x, linear, Interpolant("linear", sigma0=0.5, latent_noise=0.2))
+    with pytest.raises(ValueError, match="at t = 0 is inf .* and 76.08"):
+        VelocityOnPath(lambda t, x: x, linear, Interpolant("vp", sigma0=0.5))

@@ -1,7 +1,8 @@
 """Flow-map weights on disk: the network's config, its weights and (optionally) EMA weights.
 
-A file written by `save_flow_map` rebuilds its model with no other input, so a trained model can
-serve as the velocity teacher of a distillation run (its diagonal v_{t,t} is the velocity).
+A file written by `save_flow_map` rebuilds its model with no other input (the network's config and the
+map's form, fmm.flowmap.MAP_FORMS; files without a form are linear), so a trained model can serve as
+the velocity teacher of a distillation run (its diagonal v_{t,t} is the velocity).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fmm.flowmap import FlowMap
+from fmm.flowmap import MAP_FORMS, FlowMap, make_flow_map
 from fmm.nets import make_network
 
 FORMAT = "fmm-flowmap/1"
@@ -22,7 +23,7 @@ def save_flow_map(path: str, model: FlowMap, ema_state: dict[str, Any] | None = 
     config = getattr(model.net, "config", None)
     if config is None:
         raise ValueError("only networks built by fmm.nets.make_network can be saved (their config is recorded).")
-    payload = {"format": FORMAT, "network": config, "model": model.state_dict(), "ema": ema_state, **(extra or {})}
+    payload = {"format": FORMAT, "network": config, "form": model.form, "model": model.state_dict(), "ema": ema_state, **(extra or {})}
     tmp = f"{path}.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -30,6 +31,12 @@ def save_flow_map(path: str, model: FlowMap, ema_state: dict[str, Any] | None = 
 
 def load_flow_map(path: str, *, use_ema: bool = True, map_location: str | torch.device = "cpu") -> FlowMap:
     """Rebuild the flow map saved at `path`, with its EMA weights when present and `use_ema`."""
+    return read_flow_map(path, use_ema=use_ema, map_location=map_location)[0]
+
+
+def read_flow_map(path: str, *, use_ema: bool = True,
+                  map_location: str | torch.device = "cpu") -> tuple[FlowMap, dict[str, Any] | None]:
+    """(the flow map saved at `path`, the experiment config it was trained with, or None if not recorded)."""
     if not os.path.isfile(path):
         raise ValueError(f"no flow-map checkpoint at {path!r}: give the path of a file written by fmm.")
     try:
@@ -39,8 +46,11 @@ def load_flow_map(path: str, *, use_ema: bool = True, map_location: str | torch.
                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not an fmm flow-map checkpoint (expected format {FORMAT!r}).")
-    config = dict(payload["network"])
-    model = FlowMap(make_network(config.pop("name"), **config))
+    config, form = dict(payload["network"]), payload.get("form", "linear")
+    if form not in MAP_FORMS:
+        raise ValueError(f"{path!r} holds a flow map of form {form!r}, which this fmm does not know "
+                         f"(it knows {sorted(MAP_FORMS)}).")
+    model = make_flow_map(make_network(config.pop("name"), **config), form)
     state = payload["ema"] if use_ema and payload.get("ema") is not None else payload["model"]
     model.load_state_dict(state)
-    return model
+    return model, payload.get("config")

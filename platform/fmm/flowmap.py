@@ -98,6 +98,8 @@ class TwoTimeMap(nn.Module):
 class FlowMap(TwoTimeMap):
     """X_{s,t}(x) = x + (t - s) v_theta(s, t, x) around a two-time network."""
 
+    form = "linear"  # how the network's output makes the map; saved with the weights (fmm.checkpoint)
+
     def __init__(self, net: TwoTimeNet):
         super().__init__()
         self.net = net
@@ -123,6 +125,42 @@ class FlowMap(TwoTimeMap):
         for module in self.modules():
             if isinstance(module, TwoTimeEmbedding):
                 module.forget_step()
+
+
+class TrigFlowMap(FlowMap):
+    """TrigFlow's parametrisation (Lu & Song 2024, 2410.11081 eq. (5)-(6), and Align Your Flow's flow map,
+    2506.14603 §4) in two times, for the trig interpolant I_t = cos(pi t/2) x0 + sin(pi t/2) x1:
+
+        X_{s,t}(x) = cos(D) x + (2/pi) sin(D) u_theta(s, t, x),    D = (pi/2)(t - s),
+
+    the DDIM step of TrigFlow from s to t. With TrigFlow's time tau = (pi/2)(1 - s) and sigma_d = sigma0,
+    X_{s,1}(x) = cos(tau) x - sin(tau) sigma_d F(x/sigma_d, tau) is sCM's consistency function, with
+    F = -2 u / (pi sigma_d): the network outputs velocity units, so that the diagonal v_{t,t} = u_theta
+    is the velocity exactly as in FlowMap and a flow-matching teacher's weights are this map's start
+    (start_from). X_{s,s} = id holds for any network."""
+
+    form = "trig"
+
+    def _slope(self, s: Tensor, t: Tensor, x: Tensor) -> Tensor:
+        # (X - x) / (t - s) without the 0/0 at s = t: (cos D - 1)/(t - s) = -(pi/2) sin(D/2) sinc(D/2pi),
+        # (2/pi) sin(D)/(t - s) = sinc(D/pi), with torch.sinc(y) = sin(pi y)/(pi y).
+        half = expand_like(torch.pi / 4 * (t - s), x)
+        return -torch.pi / 2 * torch.sin(half) * torch.sinc(half / torch.pi) * x \
+            + torch.sinc(2 * half / torch.pi) * self.net(s, t, x)
+
+    def _map(self, s: Tensor, t: Tensor, x: Tensor) -> Tensor:
+        d = expand_like(torch.pi / 2 * (t - s), x)
+        return torch.cos(d) * x + 2 / torch.pi * torch.sin(d) * self.net(s, t, x)
+
+
+MAP_FORMS: dict[str, type[FlowMap]] = {"linear": FlowMap, "trig": TrigFlowMap}
+
+
+def make_flow_map(net: TwoTimeNet, form: str = "linear") -> FlowMap:
+    """The flow map of `form` ('linear': FlowMap, 'trig': TrigFlowMap) around `net`."""
+    if form not in MAP_FORMS:
+        raise ValueError(f"unknown flow-map form {form!r}; choose one of {sorted(MAP_FORMS)}.")
+    return MAP_FORMS[form](net)
 
 
 def same_network(a: nn.Module, b: nn.Module) -> bool:

@@ -11,11 +11,12 @@ from fmm.experiment.data import read_manifest
 from fmm.experiment.schema import ExperimentConfig
 from fmm.checkpoint import load_flow_map
 from fmm.experiment.teachers import fetch_checkpoint, make_teacher
-from fmm.flowmap import FlowMap, ModelVelocity, VelocityField
+from fmm.flowmap import FlowMap, ModelVelocity, VelocityField, make_flow_map
 from fmm.groundtruth import make_target
 from fmm.interpolants import Interpolant, make_schedule
 from fmm.nets import make_network
 from fmm.objectives import OBJECTIVES, Objective, make_objective
+from fmm.objectives.registry import objective_class
 
 
 def build_interpolant(exp: ExperimentConfig) -> Interpolant:
@@ -23,9 +24,16 @@ def build_interpolant(exp: ExperimentConfig) -> Interpolant:
     return Interpolant(make_schedule(spec.schedule, **spec.params), spec.sigma0, spec.latent_noise)
 
 
+def map_form(exp: ExperimentConfig) -> str:
+    """The form of flow map the experiment's objective trains (fmm.flowmap.MAP_FORMS): linear, or trig
+    for sCM's TrigFlow."""
+    return objective_class(exp.objective).map_form_of(exp.objective, exp.interpolant.schedule)
+
+
 def build_model(exp: ExperimentConfig) -> FlowMap:
+    """The experiment's network in the flow-map form its objective trains."""
     network = dict(exp.network)
-    return FlowMap(make_network(network.pop("name"), **network))
+    return make_flow_map(make_network(network.pop("name"), **network), map_form(exp))
 
 
 def build_objective(exp: ExperimentConfig, interpolant: Interpolant) -> Objective:
@@ -70,6 +78,7 @@ def initial_map(exp: ExperimentConfig, teacher: VelocityField | None) -> FlowMap
     if init == "none":
         return None
     if init == "teacher":
+        teacher = getattr(teacher, "velocity", teacher)  # a teacher moved to the student's path: its network
         assert isinstance(teacher, ModelVelocity)
         return teacher.model
     try:

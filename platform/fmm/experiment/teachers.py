@@ -15,16 +15,15 @@ import shutil
 import tempfile
 from typing import Literal
 
-import torch
 
-from fmm.checkpoint import load_flow_map
+from fmm.checkpoint import load_flow_map, read_flow_map
 from fmm.config import StrictModel, validate
-from fmm.experiment.schema import ExperimentConfig
+from fmm.experiment.schema import ExperimentConfig, InterpolantConfig
 from fmm.flowmap import FlowMap, ModelVelocity, VelocityField
 from fmm.groundtruth import ExactVelocity, make_target
 from fmm.infra import storage, tracking
 from fmm.infra.records import RUN_RECORD, RunRecord, read_record
-from fmm.interpolants import Interpolant
+from fmm.interpolants import Interpolant, VelocityOnPath, make_schedule
 
 
 class TeacherConfig(StrictModel):
@@ -74,7 +73,25 @@ def make_teacher(spec: dict | TeacherConfig, interpolant: Interpolant) -> Veloci
         return ExactVelocity(make_target(cfg.target), interpolant)
     if cfg.path is None:
         raise ValueError("teacher: kind 'checkpoint' needs 'path' (a flow-map checkpoint file).")
-    return ModelVelocity(load_flow_map(fetch_checkpoint(cfg.path, cfg.tracking_uri), use_ema=cfg.use_ema))
+    model, config = read_flow_map(fetch_checkpoint(cfg.path, cfg.tracking_uri), use_ema=cfg.use_ema)
+    return on_path(ModelVelocity(model), (config or {}).get("interpolant"), interpolant, cfg.path)
+
+
+def on_path(velocity: ModelVelocity, trained_on: dict | None, interpolant: Interpolant,
+            where: str) -> VelocityField:
+    """A checkpoint's velocity on the experiment's interpolant: as is when it was trained on the same one
+    (or its file does not say), else moved to it (fmm.interpolants.VelocityOnPath)."""
+    if trained_on is None:
+        return velocity
+    spec = InterpolantConfig(**trained_on)
+    source = Interpolant(make_schedule(spec.schedule, **spec.params), spec.sigma0, spec.latent_noise)
+    if repr(source) == repr(interpolant):
+        return velocity
+    try:
+        return VelocityOnPath(velocity, source, interpolant)
+    except ValueError as err:
+        raise ValueError(f"teacher {where!r} was trained on {source!r} and this experiment runs on {interpolant!r}; "
+                         f"{err} Train on the teacher's interpolant, or give a teacher trained on this one.") from None
 
 
 def load_trained(source: str, tracking_uri: str | None = None) -> tuple[FlowMap, ExperimentConfig | None, RunRecord | None]:
@@ -84,7 +101,5 @@ def load_trained(source: str, tracking_uri: str | None = None) -> tuple[FlowMap,
         record = read_record(source)
         path = fetch_checkpoint(f"runs:/{record.mlflow_run_id}/checkpoints/final.pt", record.tracking_uri)
         return load_flow_map(path), ExperimentConfig(**record.config), record
-    path = fetch_checkpoint(source, tracking_uri)
-    model = load_flow_map(path)  # first: a truncated or foreign file is a clear error there
-    config = torch.load(path, map_location="cpu", weights_only=False).get("config")
+    model, config = read_flow_map(fetch_checkpoint(source, tracking_uri))
     return model, (ExperimentConfig(**config) if config else None), None

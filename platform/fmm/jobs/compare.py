@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt
 from fmm.evaluation.protocol import Row, first_within, speedup
 from fmm.experiment.study_schema import load_study
 from fmm.infra import tracking
+from fmm.objectives import OBJECTIVES
 
 matplotlib.use("Agg")  # figures go to files and MLflow, never to a screen
 
@@ -245,8 +246,14 @@ def _solver_curves(client, run, prefix: str, metric: str) -> dict[str, Curve]:
 
 
 def method_label(label: str, params: dict[str, str]) -> str:
-    """A method's name in the tables, with a gradient other than its paper's: `lsd[slope]`."""
-    return f"{label}[slope]" if params.get("objective.gradient") == "slope" else label
+    """A method's name in the tables, with what departs from its paper: the slope gradient (`lsd[slope]`)
+    and a flow-map form other than the paper's (`scd[flowmap]`: sCM trained on X = x + (1 - s) v)."""
+    marks = ["slope"] if params.get("objective.gradient") == "slope" else []
+    cls = OBJECTIVES.get(params.get("objective.name", ""))
+    form = params.get("map_form")
+    if cls is not None and form is not None and form != cls.paper_form:
+        marks.append({"linear": "flowmap", "trig": "trigflow"}.get(form, form))
+    return f"{label}[{','.join(marks)}]" if marks else label
 
 
 def _method_curve(client, run, metric: str, label: str) -> Curve:

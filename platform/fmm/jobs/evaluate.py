@@ -20,12 +20,12 @@ import warnings
 
 import matplotlib.pyplot as plt
 
-from fmm.checkpoint import load_flow_map
+from fmm.checkpoint import read_flow_map
 from fmm.evaluation.figures import quality_figure, sample_figure
 from fmm.evaluation.protocol import Protocol, Report, Row, build_protocol, evaluate_map
 from fmm.experiment.builders import build_interpolant, build_objective, build_teacher
 from fmm.experiment.schema import ExperimentConfig
-from fmm.experiment.teachers import fetch_checkpoint, load_trained
+from fmm.experiment.teachers import fetch_checkpoint, load_trained, on_path
 from fmm.flowmap import FlowMap, ModelVelocity, VelocityField
 from fmm.infra.tracking import RunLogger
 
@@ -111,7 +111,8 @@ def own_teacher(model: FlowMap, exp: ExperimentConfig, protocol: Protocol,
     if protocol.exact is not None:
         return protocol.exact, ""
     if teacher_path is not None:
-        return ModelVelocity(load_flow_map(fetch_checkpoint(teacher_path, exp.tracking.uri))), ""
+        model, config = read_flow_map(fetch_checkpoint(teacher_path, exp.tracking.uri))
+        return on_path(ModelVelocity(model), (config or {}).get("interpolant"), interpolant, teacher_path), ""
     if (exp.teacher or {}).get("kind") == "checkpoint":
         return build_teacher(exp, interpolant), ""
     if build_objective(exp, interpolant).learns_velocity():

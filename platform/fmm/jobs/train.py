@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from fmm.experiment.builders import resolve_init
+from fmm.experiment.builders import map_form, resolve_init
 from fmm.experiment.checks import check_config, check_environment
 from fmm.experiment.schema import ExperimentConfig
 from fmm.infra import storage, tracking
@@ -43,12 +43,14 @@ def git_commit() -> str:
 
 
 def run_params(exp: ExperimentConfig) -> dict[str, str]:
-    """The experiment as MLflow params, with what the student starts from resolved (`init`); the
-    fault-injection section only when it is set."""
+    """The experiment as MLflow params, with what the student starts from (`init`) and the form of its
+    flow map (`map_form`: linear, or trig for sCM's TrigFlow) resolved; the fault-injection section only
+    when it is set."""
     config = exp.model_dump()
     if config["train"]["debug"] is None:
         del config["train"]["debug"]
     config["init"] = resolve_init(exp)
+    config["map_form"] = map_form(exp)
     return tracking.flatten(config)
 
 

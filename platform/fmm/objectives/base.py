@@ -207,11 +207,21 @@ class Objective(nn.Module):
     # for maps to the data end only (consistency models) or on a fixed coarse grid (progressive distillation).
     near_diagonal: ClassVar[bool] = True
     diagonal_target: ClassVar[Literal["teacher", "interpolant"]] = "interpolant"
+    # The form of the flow map this objective trains (fmm.flowmap.MAP_FORMS): 'trig' for sCM's TrigFlow.
+    map_form: str = "linear"
+    paper_form: ClassVar[str] = "linear"  # the form the method's paper trains (study labels mark others)
     Options: ClassVar[type[ObjectiveOptions]] = ObjectiveOptions
+
+    @classmethod
+    def map_form_of(cls, options: dict, schedule: str) -> str:
+        """The form of the map trained with `options` on the schedule named `schedule`, known before the
+        objective or the network is built (fmm.experiment.builders.build_model)."""
+        return cls.map_form
 
     def __init__(self, interpolant: Interpolant, options: ObjectiveOptions):
         super().__init__()
         self.interpolant, self.options = interpolant, options
+        self.map_form = self.map_form_of(options.model_dump(), interpolant.schedule.name)
         self.weight = LearnedWeight(options.weight_width) if options.weighting == "learned" else None
 
     # -- set-up checks, before any training step ---------------------------------------------------

@@ -274,12 +274,6 @@ class ContinuousOptions(ObjectiveOptions):
     warmup_max: float = Field(1.0, gt=0.0, le=1.0)
 
 
-class SCMOptions(ContinuousOptions):
-    weighting: Literal["uniform", "learned"] = "learned"
-    # sCM's proposal log sigma ~ N(P_mean = -1.0, P_std = 1.4), sigma the noise level (2410.11081 §4)
-    time_sampling: TimeSampling = TimeSampling(kind="log_normal_sigma", mean=-1.0, std=1.4)
-
-
 class EulerianConsistency(Objective):
     """The Eulerian semigradient on X_{s,t} with sCM's tricks, in the MSE form public code uses:
 
@@ -323,43 +317,108 @@ class EulerianConsistency(Objective):
                 _, dx = model.jvp(s, t, x_s, ds=1.0, dx=b)
             with shared.replay():
                 v = model.slope(s, t, x_s)
-            g = (b - v) + self.warmup(step) * (dx - b + v)
-            if self.options.tangent_norm is not None:
-                norm = g.flatten(1).norm(dim=1)
-                g = g / expand_like(norm + self.options.tangent_norm, g)
-            if self.options.tangent_clip is not None:
-                g = g.clamp(-self.options.tangent_clip, self.options.tangent_clip)
+            g = self.bounded((b - v) + self.warmup(step) * (dx - b + v))
         with shared.replay():
             x_t = model(s, t, x_s)
         return Term(x_t - (x_t.detach() + g), s, t)
+
+    def bounded(self, g: Tensor) -> Tensor:
+        """The tangent normalised per sample, g / (|g| + c), and/or clipped entrywise to [-c, c]."""
+        if self.options.tangent_norm is not None:
+            g = g / expand_like(g.flatten(1).norm(dim=1) + self.options.tangent_norm, g)
+        if self.options.tangent_clip is not None:
+            g = g.clamp(-self.options.tangent_clip, self.options.tangent_clip)
+        return g
 
     def sampler(self) -> dict:
         return {"kind": "consistency"} if self.fixed_end else {"kind": "flow_map"}
 
 
+class SCMOptions(ContinuousOptions):
+    # trigflow: TrigFlow's map and F-space loss (sCM as published; needs the trig schedule);
+    # flowmap: the Eulerian form on X = x + (1 - s) v; auto: trigflow on the trig schedule, else flowmap.
+    form: Literal["auto", "trigflow", "flowmap"] = "auto"
+    weighting: Literal["uniform", "learned"] = "learned"
+    # sCM's proposal log sigma ~ N(P_mean = -1.0, P_std = 1.4), sigma the noise level (2410.11081 §4)
+    time_sampling: TimeSampling = TimeSampling(kind="log_normal_sigma", mean=-1.0, std=1.4)
+
+
+class SCM(EulerianConsistency):
+    """sCD and sCT in two forms (`form`). `trigflow`, sCM as published (2410.11081 §3-4): the map is
+    TrigFlow's (fmm.flowmap.TrigFlowMap), f(x, tau) = X_{s,1}(x) = cos(tau) x - sin(tau) sigma_d F, with
+    TrigFlow time tau = (pi/2)(1 - s) and sigma_d = sigma0, and the loss is sCM's in F-space,
+
+        |F_theta - sg(F_theta + g)|^2,   g = -cos^2(tau) (sigma_d F - dx/dtau) - r sin(tau) cos(tau) (x + sigma_d dF/dtau),
+
+    i.e. g = cos(tau) df/dtau at r = 1: the gradient of E[w(tau) f^T df^-/dtau] with sCM's weight
+    w = 1/(sigma_d tan tau) (eq. (8)), warmed up by r and normalised (§4.2), with the adaptive weight
+    of §4.3 (`weighting: learned`). Both parts come from one no-grad JVP of X_{s,1} along (1, b_s):
+    df/dtau = -(2/pi) D_s X_{s,1}, dx/dtau = -(2/pi) b_s, sigma_d F = (cos(tau) x - X_{s,1}) / sin(tau),
+    so the loss needs nothing of the map but X and is exact at the true consistency function for any
+    parametrisation. `flowmap` is EulerianConsistency's X-space form on X = x + (1 - s) v."""
+
+    Options = SCMOptions
+    paper_form = "trig"
+
+    @classmethod
+    def map_form_of(cls, options: dict, schedule: str) -> str:
+        form = options.get("form", "auto")
+        return "trig" if form == "trigflow" or (form == "auto" and schedule == "trig") else "linear"
+
+    def __init__(self, interpolant: Interpolant, options: SCMOptions):
+        super().__init__(interpolant, options)
+        if options.form == "trigflow" and interpolant.schedule.name != "trig":
+            raise ValueError(f"objective {self.name!r}: form 'trigflow' is sCM's TrigFlow, whose path "
+                             f"cos(tau) x1 + sin(tau) sigma_d z is the trig schedule, but this interpolant's "
+                             f"schedule is {interpolant.schedule.name!r}: set interpolant.schedule: trig, or "
+                             f"form: flowmap (or auto).")
+
+    def offdiagonal(self, model, x0, x1, z, teacher, step) -> Term:
+        if self.map_form != "trig":
+            return super().offdiagonal(model, x0, x1, z, teacher, step)
+        s, t = self.times(x1.shape[0], step, x1)
+        s = s.clamp(max=1 - 1e-5)  # tau > 0: F is X's coefficient over sin(tau)
+        point = self.interpolant.interpolate(s, x0, x1, z)
+        x_s, sigma_d = point.x_t, self.interpolant.sigma0
+        tau = torch.pi / 2 * (1 - s)
+        cos, sin = expand_like(torch.cos(tau), x_s), expand_like(torch.sin(tau), x_s)
+        shared = SharedRandomness(x1.device)
+        with torch.no_grad():
+            b = teacher(s, x_s) if self.needs_teacher else point.dx_t
+            with shared.replay():
+                f, df = model.jvp(s, t, x_s, ds=1.0, dx=b)
+            sigma_d_f = (cos * x_s - f) / sin
+            first = cos**2 * (-2 / torch.pi * b - sigma_d_f)       # -cos^2 (sigma_d F - dx/dtau)
+            g = self.bounded(first + self.warmup(step) * (-2 / torch.pi * cos * df - first))
+        with shared.replay():
+            f = model(s, t, x_s)
+        big_f = (cos * x_s - f) / (sigma_d * sin)
+        return Term(big_f - (big_f.detach() + g), s, t)
+
+
 @register
-class SCD(EulerianConsistency):
+class SCD(SCM):
     """Continuous-time consistency distillation (sCM, Lu & Song 2024, 2410.11081 §4, eq. (8) with the
     tangent normalisation and warm-up of §4.2 and the adaptive weight of §4.3): the Eulerian
     semigradient for X_{s,1}, with the teacher's b_s. The learned weight is `weighting: learned`."""
 
     name = "scd"
     paper = "sCM 2410.11081 §4 (sCD): eq. (8), tangent normalisation/warm-up §4.2, adaptive weight §4.3"
-    equation = "|X_{s,1}(x_s) - sg(X_{s,1}(x_s) + g/(|g|+c))|^2, g = dX_{s,1}/ds along b (teacher)"
+    equation = ("trigflow: |F - sg(F + g/(|g|+c))|^2, g = cos(tau) df/dtau along b (teacher); "
+                "flowmap: |X_{s,1}(x_s) - sg(X_{s,1}(x_s) + g/(|g|+c))|^2, g = dX_{s,1}/ds along b")
     needs_teacher = True
     init_from_teacher = True  # sCD starts from the pre-trained TrigFlow model
     diagonal_target = "teacher"
-    Options = SCMOptions
 
 
 @register
-class SCT(EulerianConsistency):
+class SCT(SCM):
     """Continuous-time consistency training (sCM's sCT): as sCD with b_s = dI_s/ds of the sample."""
 
     name = "sct"
     paper = "sCM 2410.11081 §4 (sCT): eq. (8) with dx_t/dt from (x0, x1)"
-    equation = "|X_{s,1}(I_s) - sg(X_{s,1}(I_s) + g/(|g|+c))|^2, g = dX_{s,1}/ds along dI_s/ds"
-    Options = SCMOptions
+    equation = ("trigflow: |F - sg(F + g/(|g|+c))|^2, g = cos(tau) df/dtau along dI_s/ds; "
+                "flowmap: |X_{s,1}(I_s) - sg(X_{s,1}(I_s) + g/(|g|+c))|^2, g = dX_{s,1}/ds along dI_s/ds")
 
 
 class AYFOptions(ContinuousOptions):

@@ -44,7 +44,8 @@ def state_payload(state: State, exp: ExperimentConfig, metrics: dict[str, float]
     return {"format": "fmm-train/1", "model": state.model.state_dict(), "ema": state.ema.state_dict(),
             "objective": state.objective.state_dict(), "optimiser": state.optimiser.state_dict(),
             "scheduler": state.scheduler.state_dict(), "step": state.step, "rollbacks": state.rollbacks,
-            "config": exp.model_dump(), "network": state.model.net.config, "metrics": metrics}
+            "config": exp.model_dump(), "network": state.model.net.config, "form": state.model.form,
+            "metrics": metrics}
 
 
 def save_state(state: State, exp: ExperimentConfig, folder: str, metrics: dict[str, float]) -> None:
@@ -139,7 +140,7 @@ def export_flow_map(state_path: str, out_path: str) -> None:
     """A training checkpoint's EMA weights as a flow-map file (what teachers and samplers load)."""
     payload = torch.load(state_path, map_location="cpu", weights_only=False)
     torch.save({"format": "fmm-flowmap/1", "network": payload["network"], "model": payload["ema"], "ema": None,
-                "config": payload["config"], "step": payload["step"]}, out_path)
+                "form": payload.get("form", "linear"), "config": payload["config"], "step": payload["step"]}, out_path)
 
 
 def ema_decay_at(decay: float, step: int) -> float:
