@@ -151,6 +151,26 @@ def test_the_shipped_studies_are_valid(tmp_path, name):
         assert plan.teacher.exp.network == member.exp.network
 
 
+def test_a_member_that_distils_nothing_can_start_from_the_study_teacher(tmp_path):
+    """init: teacher on a self-distillation member: the study's teacher's weights, once it is trained (or
+    at once for a checkpoint teacher); a distillation member still gets the teacher itself."""
+    methods = {"lsd": {"objective": {"name": "lsd"}, "init": "teacher"}, "lmd": {"objective": {"name": "lmd"}},
+               "sct": {"objective": {"name": "sct"}}}
+    plan = plan_study(load_study(write_study(str(tmp_path), methods=methods)), f"sqlite:///{tmp_path}/mlflow.db")
+    lsd, lmd, sct = ({m.label: m for m in plan.methods}[k] for k in ("lsd", "lmd", "sct"))
+    assert (lsd.awaits_teacher, lmd.awaits_teacher, sct.awaits_teacher) == (True, True, False)
+    plan.give_teacher("abc123")
+    assert lsd.exp.init == "runs:/abc123/checkpoints/final.pt" and lsd.exp.teacher is None
+    assert lmd.exp.teacher["path"] == "runs:/abc123/checkpoints/final.pt" and lmd.exp.init is None
+    assert sct.exp.init is None and sct.exp.teacher is None
+    study = load_study(write_study(str(tmp_path), methods=methods, teacher={"checkpoint": "/some/teacher.pt"}))
+    lsd = {m.label: m for m in plan_study(study, f"sqlite:///{tmp_path}/mlflow.db").methods}["lsd"]
+    assert lsd.exp.init == "/some/teacher.pt" and not lsd.awaits_teacher
+    with pytest.raises(ValueError, match="init: teacher starts the student from its teacher's weights"):
+        plan_study(load_study(write_study(str(tmp_path), methods=methods, teacher={"exact": "flower"})),
+                   f"sqlite:///{tmp_path}/mlflow.db")
+
+
 # -- a tiny study end to end ------------------------------------------------------------------------------
 
 @pytest.mark.slow

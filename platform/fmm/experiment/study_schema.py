@@ -21,7 +21,8 @@
 `plan_study` builds every member's experiment once and checks it statically (check_config): a
 distillation member whose teacher is still to be trained counts as having one, and is given the
 teacher's run when it exists (`StudyPlan.give_teacher`). Distillation methods get the study's
-teacher unless they name their own.
+teacher unless they name their own; a method that distils nothing but says `init: teacher` starts
+from the study's teacher's weights.
 """
 
 from __future__ import annotations
@@ -193,7 +194,10 @@ class StudyPlan:
         spec = teacher_reference(self.study, self.tracking_uri, teacher_run_id)
         for member in self.methods:
             if member.awaits_teacher:
-                member.exp.teacher = spec
+                if needs_teacher(member.exp.objective):
+                    member.exp.teacher = spec
+                else:  # init: teacher without distilling: the student starts from the teacher's weights
+                    member.exp.init = spec["path"]
                 member.awaits_teacher = False
 
 
@@ -221,7 +225,15 @@ def member_experiment(study: StudyConfig, uri: str, label: str, sections: dict[s
         raw.pop("teacher", None)
         if needs_teacher(raw["objective"]) and teacher is not None:
             raw["teacher"] = teacher
+        elif starts_from_study_teacher(raw) and (teacher or {}).get("kind") == "checkpoint":
+            raw["init"] = teacher["path"]
     return load_experiment(raw=raw)
+
+
+def starts_from_study_teacher(raw: dict[str, Any]) -> bool:
+    """A member that distils nothing but says init: teacher: it starts from the study's teacher's weights
+    (as the FMM and LSD papers suggest for the diagonal, 2505.18825 §3.2)."""
+    return raw.get("init") == "teacher" and raw.get("teacher") is None and not needs_teacher(raw["objective"])
 
 
 def plan_study(study: StudyConfig, uri: str) -> StudyPlan:
@@ -249,7 +261,8 @@ def plan_study(study: StudyConfig, uri: str) -> StudyPlan:
         try:
             sweep = validate(MethodSweep, sections["sweep"], "sweep") if "sweep" in sections else None
             exp = member_experiment(study, uri, label, sections, reference)
-            awaits = exp.teacher is None and needs_teacher(exp.objective) and teacher is not None
+            awaits = teacher is not None and ((exp.teacher is None and needs_teacher(exp.objective))
+                                              or starts_from_study_teacher(exp.model_dump()))
             if study.teacher.exact is not None and study.teacher.exact != exp.data.target:
                 raise ValueError(f"teacher.exact {study.teacher.exact!r} is that toy target's velocity but the data "
                                  f"is {exp.data.target or exp.data.path!r}: name the same target, train a teacher or "
