@@ -145,26 +145,29 @@ def test_a_shared_mask_lets_the_consistency_residual_shrink_with_the_grid_gap():
     assert shared < 0.05 * independent, (float(shared), float(independent))
 
 
-@pytest.mark.parametrize("name", ["sct", "meanflow"])
+@pytest.mark.parametrize("name", ["sct", "sct_trigflow", "meanflow"])
 def test_the_tangent_branch_sees_the_students_mask(name):
-    """The tangent of sCT (and MeanFlow's target) comes from a JVP of the network with the student's masks:
-    it equals the finite difference of the map along the trajectory with those masks held fixed."""
+    """The tangent of sCT, in both forms (and MeanFlow's target), comes from a JVP of the network with the
+    student's masks: it equals the finite difference of the map along the trajectory with those masks held
+    fixed (TrigFlow's F-space residual is -g = (2/pi) cos(tau) dX_{s,1}/ds at full warm-up)."""
     model = dropout_map()
-    objective = make_objective({"name": name, **({"tangent_norm": None, "warmup_steps": 0}
-                                                 if name == "sct" else {"diagonal_fraction": 0.0,
-                                                                        "adaptive_power": 0.0})}, LINEAR)
+    path = Interpolant("trig") if name == "sct_trigflow" else LINEAR
+    objective = make_objective({"name": name.split("_")[0], **({"tangent_norm": None, "warmup_steps": 0}
+                                                               if name != "meanflow" else {"diagonal_fraction": 0.0,
+                                                                                           "adaptive_power": 0.0})},
+                               path)
     objective.prepare(model)
     x0, x1 = torch.randn(256, 2), torch.randn(256, 2)
     torch.manual_seed(3)
     residual = objective.offdiagonal(model, x0, x1, None, None, step=10**6).residual.detach()
     torch.manual_seed(3)
-    if name == "sct":
-        s = objective.options.time_sampling.single(256, interpolant=LINEAR)
+    if name != "meanflow":
+        s = objective.options.time_sampling.single(256, interpolant=path).clamp(max=1 - 1e-5)
         t = torch.ones(256)
     else:
         s, t = objective.options.time_sampling.pair(256, 10**6, interpolant=LINEAR)
     masks = SharedRandomness(x0.device)
-    point = LINEAR.interpolate(s, x0, x1)
+    point = path.interpolate(s, x0, x1)
     h = 1e-3
     with torch.no_grad():
         with masks.replay():
@@ -174,6 +177,8 @@ def test_the_tangent_branch_sees_the_students_mask(name):
     derivative = (there - here) / h  # dX_{s,t}(x_s)/ds along the trajectory, masks fixed
     if name == "sct":
         expected = -derivative                       # residual = X - sg(X + g), g = dX/ds
+    elif name == "sct_trigflow":
+        expected = 2 / torch.pi * torch.cos(torch.pi / 2 * (1 - s))[:, None] * derivative
     else:
         expected = derivative  # the Eulerian residual in its slope form has the value dX_{s,t}/ds along b
     torch.testing.assert_close(residual, expected, rtol=0, atol=2e-2)
