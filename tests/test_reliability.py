@@ -326,9 +326,9 @@ def test_a_lost_node_is_survived_elastically_or_by_waiting_for_a_node_to_return(
 
     def train(name: str, scaling: dict, on_line) -> str:
         exp = {"name": name, "data": {"target": "flower"},
-               "network": {"name": "mlp", "dim": 2, "width": 256, "depth": 3}, "objective": {"name": "lmd"},
+               "network": {"name": "mlp", "dim": 2, "width": 64, "depth": 2}, "objective": {"name": "lmd"},
                "teacher": {"kind": "exact", "target": "flower"},
-               "train": {"steps": 150, "batch_size": 1024, "checkpoint_every": 50, "log_every": 10},
+               "train": {"steps": 150, "batch_size": 256, "checkpoint_every": 50, "log_every": 10},
                "scaling": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 2, **scaling},
                "storage": {"path": str(tmp_path / "runs")},
                "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "nodes"}}

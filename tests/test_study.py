@@ -67,7 +67,7 @@ def table_cells(output: str, labels) -> dict[str, list[str]]:
 def members(client, parent_id):
     parent = client.get_run(parent_id)
     runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
-    return {r.data.tags["study_member"]: r for r in runs}
+    return {r.data.tags["study_member"]: r for r in runs if "study_member" in r.data.tags}
 
 
 # -- bad input: refused before anything trains ---------------------------------------------------------
@@ -173,48 +173,6 @@ def test_a_member_that_distils_nothing_can_start_from_the_study_teacher(tmp_path
 
 # -- a tiny study end to end ------------------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_a_tiny_study_runs_on_the_embedded_default_and_compare_prints_what_mlflow_holds(tmp_path):
-    write_study(str(tmp_path), teacher={"exact": "flower"})
-    out = run_cli("study", "study.yaml", cwd=tmp_path)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
-    assert "mlflow ui --backend-store-uri sqlite:///" in out.stdout
-    compared = run_cli("compare", "tiny", cwd=tmp_path)
-    assert compared.returncode == 0, compared.stderr[-3000:]
-
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    parent = client.search_runs([client.get_experiment_by_name("fmm-studies").experiment_id],
-                                "tags.kind = 'study'")
-    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
-    parent = parent[0]
-    runs = members(client, parent.info.run_id)
-    assert set(runs) == {"lmd", "lsd", "cd"}  # the exact velocity is the teacher: nothing to train for it
-    assert all(r.info.status == "FINISHED" for r in runs.values())
-    printed = table_cells(compared.stdout, ["lmd", "lsd", "cd"])
-    assert printed == table_cells(out.stdout, ["lmd", "lsd", "cd"])  # the study's own table is the same
-    for label in ("lmd", "lsd", "cd"):
-        history = sorted((m.step, m.value) for m in client.get_metric_history(runs[label].info.run_id, "sw2"))
-        assert [step for step, _ in history] == [1, 2, 4]
-        assert printed[label] == [f"{value:.4g}" for _, value in history], label
-    assert runs["cd"].data.tags["eval_sampler"] == "consistency"
-    assert "exact/heun-le/sw2" in parent.data.metrics  # the exact velocity's solvers, on the same noise
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
-    assert artifacts == {"comparison/comparison.csv", "comparison/comparison.md", "comparison/sw2_vs_steps.png"}
-    local = client.download_artifacts(parent.info.run_id, "comparison/comparison.csv", str(tmp_path))
-    with open(local) as f:
-        lines = f.read().splitlines()
-    value = client.get_metric_history(runs["lsd"].info.run_id, "sw2")[0]
-    assert any(line.startswith(f"lsd,method,flow_map,{value.step},{value.value!r},") for line in lines)
-
-    # Resuming a finished study retrains nothing and gives the same table.
-    again = run_cli("study", "study.yaml", "--resume", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "finished earlier" in again.stdout and "training lmd" not in again.stdout
-    assert len(members(client, parent.info.run_id)) == 3
-    assert len(client.get_metric_history(runs["lmd"].info.run_id, "sw2")) == 3  # scored once
-    assert table_cells(again.stdout, ["lmd", "lsd", "cd"]) == printed
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real MLflow tracking server on loopback, with a SQLite backend and served artifacts."""
@@ -248,30 +206,44 @@ def rest(url: str, path: str, **query) -> dict:
 
 
 @pytest.mark.slow
-def test_a_study_served_by_an_mlflow_server_reads_back_over_rest_as_compare_prints_it(ray_cluster, tmp_path,
-                                                                                       mlflow_server):
-    from fmm.jobs.compare import compare_study
-    from fmm.jobs.study import run_study
-
-    methods = dict(TINY["methods"])  # lsd swept: its best trial stands for it
+def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_compare_prints_it(tmp_path,
+                                                                                               mlflow_server):
+    """`fmm study` end to end: a trained teacher, two distilled members, a self-distillation member swept
+    (its best trial stands for it), the study's table, `fmm compare`'s table read back from the MLflow
+    server, the same numbers over REST, and a resume that retrains and rescores nothing."""
+    methods = dict(TINY["methods"])
     methods["lsd"] = {"objective": {"name": "lsd"}, "train": {"eval_every": 75, "eval_samples": 200},
                       "sweep": {"space": {"optim.lr": {"float": [1e-3, 5e-3], "log": True}},
                                 "metric": "eval/sw2_steps001", "search": {"num_samples": 2, "max_concurrent_trials": 2},
                                 "scheduler": {"kind": "fifo"}}}
-    study = load_study(write_study(str(tmp_path), name="served", methods=methods,
-                                   storage={"path": str(tmp_path / "studies")},
-                                   tracking={"uri": mlflow_server, "experiment": "served"}))
-    result = run_study(study, log=lambda *_: None)
-    assert not result.failures
-    comparison = compare_study(result.tracking_uri, result.parent_run_id)
-    client = MlflowClient(mlflow_server)
-    sweeps = client.search_runs([client.get_experiment_by_name("served").experiment_id], "tags.kind = 'sweep'")
-    assert len(sweeps) == 1 and sweeps[0].data.tags["mlflow.parentRunId"] == comparison.parent_run_id
-    lsd = next(c for c in comparison.methods if c.label == "lsd")
-    assert lsd.run_id == sweeps[0].data.tags["best_mlflow_run_id"]
+    write_study(str(tmp_path), name="served", methods=methods, storage={"path": str(tmp_path / "studies")},
+                tracking={"uri": mlflow_server, "experiment": "served"})
+    out = run_cli("study", "study.yaml", cwd=tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     compared = run_cli("compare", "served", "--tracking-uri", mlflow_server, cwd=tmp_path)
     assert compared.returncode == 0, compared.stderr[-3000:]
     printed = table_cells(compared.stdout, ["lmd", "lsd", "cd"])
+    assert printed == table_cells(out.stdout, ["lmd", "lsd", "cd"])  # the study's own table is the same
+    assert re.search(r"teacher ODE\s+best solver", compared.stdout) and re.search(r"exact ODE\s+best solver",
+                                                                                    compared.stdout)
+
+    client = MlflowClient(mlflow_server)
+    experiment_id = client.get_experiment_by_name("served").experiment_id
+    parent = client.search_runs([experiment_id], "tags.kind = 'study'")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    parent = parent[0]
+    sweeps = client.search_runs([experiment_id], "tags.kind = 'sweep'")
+    assert len(sweeps) == 1 and sweeps[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    runs = members(client, parent.info.run_id)
+    assert runs["cd"].data.tags["eval_sampler"] == "consistency"
+    assert "exact/heun-le/sw2" in parent.data.metrics  # the exact velocity's solvers, on the same noise
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
+    assert artifacts == {"comparison/comparison.csv", "comparison/comparison.md", "comparison/sw2_vs_steps.png"}
+    local = client.download_artifacts(parent.info.run_id, "comparison/comparison.csv", str(tmp_path))
+    with open(local) as f:
+        lines = f.read().splitlines()
+    value = client.get_metric_history(runs["lmd"].info.run_id, "sw2")[0]
+    assert any(line.startswith(f"lmd,method,flow_map,{value.step},{value.value!r},") for line in lines)
 
     experiment = rest(mlflow_server, "experiments/get-by-name", experiment_name="served")["experiment"]
     found = urllib.request.Request(f"{mlflow_server}/api/2.0/mlflow/runs/search", method="POST",
@@ -279,20 +251,27 @@ def test_a_study_served_by_an_mlflow_server_reads_back_over_rest_as_compare_prin
                                                     "filter": "tags.study = 'served'"}).encode(),
                                    headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(found, timeout=30) as response:
-        runs = json.loads(response.read())["runs"]
+        found_runs = json.loads(response.read())["runs"]
     by_member = {}
-    for run in runs:
+    for run in found_runs:
         tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
         if "study_member" in tags:
             by_member[tags["study_member"]] = run["info"]["run_id"]
     assert set(by_member) == {"teacher", "lmd", "lsd", "cd"}
+    assert by_member["lsd"] == sweeps[0].data.tags["best_mlflow_run_id"]
     teacher = rest(mlflow_server, "runs/get", run_id=by_member.pop("teacher"))["run"]
     assert {m["key"] for m in teacher["data"]["metrics"]} >= {"teacher/euler/sw2", "teacher/heun-le/sw2",
                                                                 "teacher/rk4-le/sw2"}  # its ODE solvers
     for label, run_id in by_member.items():
-        history = rest(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="sw2")["metrics"]
-        values = [m["value"] for m in sorted(history, key=lambda m: int(m["step"]))]
-        assert [int(m["step"]) for m in sorted(history, key=lambda m: int(m["step"]))] == [1, 2, 4]
-        assert printed[label] == [f"{v:.4g}" for v in values], label
-    assert re.search(r"teacher ODE\s+best solver", compared.stdout) and re.search(r"exact ODE\s+best solver",
-                                                                                    compared.stdout)
+        history = sorted(rest(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="sw2")["metrics"],
+                         key=lambda m: int(m["step"]))
+        assert [int(m["step"]) for m in history] == [1, 2, 4]
+        assert printed[label] == [f"{m['value']:.4g}" for m in history], label
+
+    # Resuming a finished study retrains nothing, scores nothing twice and gives the same table.
+    again = run_cli("study", "study.yaml", "--resume", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "finished earlier" in again.stdout and "training lmd" not in again.stdout
+    assert len(members(client, parent.info.run_id)) == len(runs)
+    assert len(client.get_metric_history(runs["lmd"].info.run_id, "sw2")) == 3
+    assert table_cells(again.stdout, ["lmd", "lsd", "cd"]) == printed
