@@ -20,6 +20,12 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 # Ray Train's controller polls its workers every 2 s by default; in tests that is seconds per run of waiting
 # for a finished loop to be noticed.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test processes share the machine: one intra-op thread each. Two processes each spinning as
+    # many OpenMP threads as there are cores slow each other down many times over.
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +80,4 @@ def flaky_s3(s3_server):
     proxy = FlakyS3(s3_server)
     yield proxy
     proxy.close()
+
