@@ -286,9 +286,10 @@ class EulerianConsistency(Objective):
     (`tangent_clip`, sCM's alternative). b_s is the teacher's velocity (distillation) or dI_s/ds of the
     sample (training). Times come from sCM's proposal in noise level, log sigma ~ N(-1.0, 1.4).
 
-    This is sCM's update applied to the flow-map form X = x + (1 - s) v with an X-space loss, not
-    TrigFlow's parametrisation f = cos(t) x - sin(t) sigma_d F(x / sigma_d, t) with its F-space loss;
-    the fixed point is the same, the weighting over time differs by about (1 - s) (docs/science.md §6.4).
+    This is sCM's update applied to the flow-map form X = x + (1 - s) v with an X-space loss; SCM below
+    adds TrigFlow's parametrisation f = cos(t) x - sin(t) sigma_d F(x / sigma_d, t) with its F-space
+    loss (sCM as published). The fixed point is the same, the weighting over time differs by about
+    sin(tau) (docs/science.md §6.4).
     """
 
     Options = ContinuousOptions
@@ -399,8 +400,9 @@ class SCM(EulerianConsistency):
 @register
 class SCD(SCM):
     """Continuous-time consistency distillation (sCM, Lu & Song 2024, 2410.11081 §4, eq. (8) with the
-    tangent normalisation and warm-up of §4.2 and the adaptive weight of §4.3): the Eulerian
-    semigradient for X_{s,1}, with the teacher's b_s. The learned weight is `weighting: learned`."""
+    tangent normalisation and warm-up of §4.2 and the adaptive weight of §4.3), in TrigFlow's form on the
+    trig schedule and the Eulerian form elsewhere (SCM), with the teacher's b_s. The learned weight is
+    `weighting: learned`."""
 
     name = "scd"
     paper = "sCM 2410.11081 §4 (sCD): eq. (8), tangent normalisation/warm-up §4.2, adaptive weight §4.3"
