@@ -81,9 +81,3 @@ def flaky_s3(s3_server):
     yield proxy
     proxy.close()
 
-
-
-def pytest_collection_modifyitems(config, items):
-    """The slow tests first (in their order), then the rest: with two test processes the long ones start
-    early and the short ones fill in at the end, instead of one long test running alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
