@@ -80,4 +80,3 @@ def flaky_s3(s3_server):
     proxy = FlakyS3(s3_server)
     yield proxy
     proxy.close()
-
