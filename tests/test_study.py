@@ -55,12 +55,13 @@ def run_cli(*args, cwd, timeout=900):
 
 
 def table_cells(output: str, labels) -> dict[str, list[str]]:
-    """The quality table's row for each label, as the printed cells after the sampler column."""
+    """The quality table's row for each label: the printed cells after the sampler and n columns (cells
+    are separated by two spaces or more; the best-at-this-step and tie marks are dropped)."""
     rows = {}
     for line in output.splitlines():
-        parts = line.split()
-        if parts and parts[0] in labels and parts[0] not in rows and len(parts) >= 3:
-            rows[parts[0]] = parts[2:]
+        parts = re.split(r"\s{2,}", line.strip())
+        if parts and parts[0] in labels and parts[0] not in rows and len(parts) >= 4:
+            rows[parts[0]] = [re.sub(r" [*~]$", "", cell) for cell in parts[3:]]
     return rows
 
 
@@ -83,6 +84,9 @@ def members(client, parent_id):
     ({"evaluation": {"steps": [0, 2]}}, "steps are positive"),
     ({"base": {**TINY["base"], "objective": {"name": "lmd"}}}, "base.objective"),
     ({"bogus": 1}, "unknown key 'bogus'"),
+    ({"seeds": []}, "seeds is empty"),
+    ({"seeds": [0, 1, 0]}, r"seeds repeats \[0\]"),
+    ({"evaluation": {**TINY["evaluation"], "sets": 0}}, "evaluation.sets"),
 ])
 def test_bad_studies_are_refused_before_anything_trains(tmp_path, change, message):
     path = write_study(str(tmp_path), **change)
@@ -111,6 +115,26 @@ def test_the_cli_refuses_a_bad_study_in_one_paragraph_and_writes_nothing(tmp_pat
     assert "unknown objective 'not_a_method'" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == ["study.yaml"]  # no studies/, no mlflow.db
+
+
+def test_more_evaluation_sets_than_the_dataset_holds_disjoint_references_for_are_refused(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """digits holds 1797 images: 3 disjoint sets of 800 do not fit. One paragraph, exit 2, nothing written."""
+    from fmm.cli import main
+    from fmm.experiment.data import prepare
+
+    prepare("digits", str(tmp_path / "digits"), shards=1)
+    unet = {"name": "unet", "in_channels": 1, "image_size": 8, "channels": 16, "channel_mult": [1, 2],
+            "num_blocks": 1, "attn_resolutions": []}
+    base = {**TINY["base"], "data": {"path": str(tmp_path / "digits")}, "network": unet}
+    write_study(str(tmp_path), base=base, evaluation={"steps": [1], "samples": 800, "sets": 3, "metrics": ["fd_classifier"]})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["study", "study.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "evaluation.sets: 3 disjoint reference subsets of evaluation.samples 800 need 2400 rows" in err
+    assert "holds 1797" in err and "sets <= 2" in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["digits", "study.yaml"]
 
 
 def test_compare_names_a_missing_experiment_and_what_exists(tmp_path, monkeypatch, capsys):
@@ -208,16 +232,18 @@ def rest(url: str, path: str, **query) -> dict:
 @pytest.mark.slow
 def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_compare_prints_it(tmp_path,
                                                                                                mlflow_server):
-    """`fmm study` end to end: a trained teacher, two distilled members, a self-distillation member swept
-    (its best trial stands for it), the study's table, `fmm compare`'s table read back from the MLflow
-    server, the same numbers over REST, and a resume that retrains and rescores nothing."""
+    """`fmm study` end to end: a trained teacher, two distilled members at two seeds each, a
+    self-distillation member swept (its best trial stands for it), three evaluation sets; the study's
+    table, `fmm compare`'s table read back from the MLflow server, the same means and 95% intervals over
+    REST, and a resume that retrains and rescores nothing."""
     methods = dict(TINY["methods"])
     methods["lsd"] = {"objective": {"name": "lsd"}, "train": {"eval_every": 75, "eval_samples": 200},
                       "sweep": {"space": {"optim.lr": {"float": [1e-3, 5e-3], "log": True}},
                                 "metric": "eval/sw2_steps001", "search": {"num_samples": 2, "max_concurrent_trials": 2},
                                 "scheduler": {"kind": "fifo"}}}
     write_study(str(tmp_path), name="served", methods=methods, storage={"path": str(tmp_path / "studies")},
-                tracking={"uri": mlflow_server, "experiment": "served"})
+                tracking={"uri": mlflow_server, "experiment": "served"}, seeds=[0, 1],
+                evaluation={**TINY["evaluation"], "sets": 3})
     out = run_cli("study", "study.yaml", cwd=tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     compared = run_cli("compare", "served", "--tracking-uri", mlflow_server, cwd=tmp_path)
@@ -242,8 +268,15 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
     local = client.download_artifacts(parent.info.run_id, "comparison/comparison.csv", str(tmp_path))
     with open(local) as f:
         lines = f.read().splitlines()
-    value = client.get_metric_history(runs["lmd"].info.run_id, "sw2")[0]
-    assert any(line.startswith(f"lmd,method,flow_map,{value.step},{value.value!r},") for line in lines)
+    assert lines[0] == "method,role,solver,nfe,mean,low,high,n,seconds_per_sample"
+    value, low, high = (client.get_metric_history(runs["lmd"].info.run_id, k)[0] for k in ("sw2", "sw2/low", "sw2/high"))
+    assert any(line.startswith(f"lmd,method,flow_map,{value.step},{value.value!r},{low.value!r},{high.value!r},6,")
+               for line in lines)  # 2 seeds x 3 sets
+    # Each seed of a seeded member is its own run, nested under the member's run.
+    seeds = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{runs['lmd'].info.run_id}'")
+    assert sorted(r.data.tags["study_seed"] for r in seeds) == ["0", "1"]
+    assert {r.data.params["train.seed"] for r in seeds} == {"0", "1"}
+    assert all(r.data.tags["study_role"] == "seed" and "sw2/set2" in r.data.metrics for r in seeds)
 
     experiment = rest(mlflow_server, "experiments/get-by-name", experiment_name="served")["experiment"]
     found = urllib.request.Request(f"{mlflow_server}/api/2.0/mlflow/runs/search", method="POST",
@@ -263,15 +296,67 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
     assert {m["key"] for m in teacher["data"]["metrics"]} >= {"teacher/euler/sw2", "teacher/heun-le/sw2",
                                                                 "teacher/rk4-le/sw2"}  # its ODE solvers
     for label, run_id in by_member.items():
-        history = sorted(rest(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="sw2")["metrics"],
-                         key=lambda m: int(m["step"]))
-        assert [int(m["step"]) for m in history] == [1, 2, 4]
-        assert printed[label] == [f"{m['value']:.4g}" for m in history], label
+        history = {k: sorted(rest(mlflow_server, "metrics/get-history", run_id=run_id, metric_key=k)["metrics"],
+                             key=lambda m: int(m["step"])) for k in ("sw2", "sw2/low", "sw2/high", "sw2/n")}
+        assert [int(m["step"]) for m in history["sw2"]] == [1, 2, 4]
+        assert [m["value"] for m in history["sw2/n"]] == [6 if label != "lsd" else 3] * 3
+        shown = [f"{m['value']:.4g} ± {(h['value'] - lo['value']) / 2:.2g}"
+                 for m, lo, h in zip(history["sw2"], history["sw2/low"], history["sw2/high"])]
+        assert printed[label] == shown, label
 
     # Resuming a finished study retrains nothing, scores nothing twice and gives the same table.
     again = run_cli("study", "study.yaml", "--resume", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "finished earlier" in again.stdout and "training lmd" not in again.stdout
+    assert "finished earlier" in again.stdout and "training served-lmd" not in again.stdout
     assert len(members(client, parent.info.run_id)) == len(runs)
     assert len(client.get_metric_history(runs["lmd"].info.run_id, "sw2")) == 3
     assert table_cells(again.stdout, ["lmd", "lsd", "cd"]) == printed
+
+
+@pytest.mark.slow
+def test_a_study_with_three_seeds_killed_midway_resumes_without_retraining_finished_seeds(tmp_path):
+    """seeds: [0, 1, 2], one run at a time: the study is killed (SIGKILL, with its Ray) once a seed has
+    finished; `--resume` keeps that seed's run, trains the others, and the member's cells are over
+    3 seeds x 2 sets."""
+    import signal
+    import tempfile
+
+    from support.ray_ports import stop_ray_under
+
+    evaluation = {"steps": [1, 2], "samples": 300, "sets": 2, "metrics": ["sw2"], "teacher_max_nfe": 4}
+    base = {**TINY["base"], "train": {**TINY["base"]["train"], "steps": 100, "checkpoint_every": 50}}
+    write_study(str(tmp_path), name="seeded", base=base, teacher={"exact": "flower"}, seeds=[0, 1, 2],
+                methods={"lmd": {"objective": {"name": "lmd"}}}, evaluation=evaluation, max_concurrent=1)
+    ray_temp = tempfile.mkdtemp(prefix="/tmp/fmms")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_temp)
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    record = tmp_path / "studies" / "seeded" / "fmm_study.json"
+    proc = subprocess.Popen([sys.executable, "-m", "fmm.cli", "study", "study.yaml"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    finished = {}
+    try:
+        deadline = time.time() + 300
+        while not finished and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            try:
+                finished = dict(json.loads(record.read_text())["state"].get("seed_runs", {}).get("lmd", {}))
+            except (OSError, ValueError, KeyError):
+                pass
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        stop_ray_under(ray_temp)
+    assert 1 <= len(finished) < 3, finished
+    out = run_cli("study", "study.yaml", "--resume", cwd=tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    for seed in finished:
+        assert f"seeded-lmd-seed{seed}: finished earlier" in out.stdout
+        assert f"training seeded-lmd-seed{seed} " not in out.stdout
+    state = json.loads(record.read_text())["state"]
+    assert {k: v for k, v in state["seed_runs"]["lmd"].items() if k in finished} == finished
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    member = client.get_run(state["members"]["lmd"])
+    assert member.info.status == "FINISHED" and member.data.tags["study_seeds"] == "0,1,2"
+    assert [m.value for m in client.get_metric_history(member.info.run_id, "sw2/n")] == [6, 6]
+    assert table_cells(out.stdout, ["lmd"])["lmd"][0].count("±") == 1

@@ -161,7 +161,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     wanted = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     report = evaluate(args.run, parse_steps(args.steps), samples=args.samples, seed=args.seed, metrics_wanted=wanted,
                       teacher_max_nfe=args.teacher_max_nfe, log_mlflow=not args.no_mlflow,
-                      with_teacher=not args.no_teacher, teacher_path=args.teacher)
+                      with_teacher=not args.no_teacher, teacher_path=args.teacher, sets=args.sets)
     print(format_report(report))
     return 0
 
@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", default="1,2,4,8,16", help="flow-map step counts (default 1,2,4,8,16)")
     ev.add_argument("--samples", type=_positive_int, default=4000)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--sets", type=_positive_int, default=1,
+                    help="independent evaluation sets (noise and reference); scores get 95%% intervals over them")
     ev.add_argument("--metrics", help="comma-separated: sw2,energy,mmd,w2_exact,histogram_kl,rmse_vs_ode or fid")
     ev.add_argument("--teacher-max-nfe", type=_positive_int, default=256)
     ev.add_argument("--no-mlflow", action="store_true", help="print only; do not log into the run")

@@ -1,7 +1,11 @@
 """The evaluation protocol: quality against number of steps for a flow map and its teacher's ODE solvers,
 and the speed-up at equal quality. Pure: it scores and returns reports; the jobs log them.
 
-Protocol: one fixed noise set (seeded) serves every method. The flow map is sampled with its EMA
+Protocol: M evaluation sets (`sets`, seeded: set j draws its own noise and, for a toy target, its own
+exact reference; for a dataset, the j-th of M disjoint reference subsets) serve every method, so that
+two methods' scores are paired by set; each row holds its score on every set and their mean, and the
+speed-up's verdicts are decided on paired differences with their 95% intervals
+(fmm.evaluation.intervals), "not resolved" when an interval straddles the bar. The flow map is sampled with its EMA
 weights at each step count. The teacher is the exact velocity when the run's data is a toy target
 with ground truth, else the flow map's own diagonal v(t, t, x); it is integrated by Euler, Heun and
 RK4 (both with an Euler last step, so no stage touches t = 1) at NFE 1 to `teacher_max_nfe`, and
@@ -16,6 +20,7 @@ Inception network.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +29,7 @@ from tqdm import tqdm
 
 from fmm import metrics
 from fmm.evaluation import fid
+from fmm.evaluation.intervals import Estimate, difference, estimate
 from fmm.evaluation.classifier_features import ClassifierFeatures
 from fmm.experiment.data import read_labels, read_part
 from fmm.experiment.schema import ExperimentConfig
@@ -41,7 +47,15 @@ class Row:
     steps: int
     nfe: int
     seconds_per_sample: float
-    scores: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)    # the mean over `sets`
+    sets: dict[str, list[list[float]]] = field(default_factory=dict)  # metric -> seeds x sets scores
+
+    def cells(self, metric: str) -> list[list[float]]:
+        """The seeds x sets table of `metric` (one cell when the row was scored on one set)."""
+        return self.sets.get(metric) or [[self.scores[metric]]]
+
+    def estimate(self, metric: str) -> Estimate:
+        return estimate(self.cells(metric))
 
 
 @dataclass
@@ -53,6 +67,11 @@ class Report:
     sampler: str = "flow_map"     # how the learned map was sampled (the method's authors' sampler)
     floors: dict[str, float] = field(default_factory=dict)  # what exact samples score, at the same sizes
     note: str = ""                # why a part of the protocol was left out (e.g. no teacher rows)
+    floor_sets: dict[str, list[float]] = field(default_factory=dict)  # the floors on each evaluation set
+
+    @property
+    def sets(self) -> int:
+        return max((len(t[0]) for r in self.rows for t in r.sets.values()), default=1)
 
     def table(self) -> list[dict]:
         return [{"method": r.method, "steps": r.steps, "nfe": r.nfe, "seconds_per_sample": r.seconds_per_sample,
@@ -185,150 +204,279 @@ def run_protocol(model, teacher, noise: torch.Tensor, steps: list[int], scorer: 
     return Report(scorer.primary, len(noise), rows, speedup(rows, scorer.primary), sampler_kind, dict(floors or {}))
 
 
-def first_within(rows: list[Row], primary: str, threshold: float) -> Row | None:
-    """The row of smallest NFE from which every larger NFE also scores at most `threshold`."""
+def within_verdicts(rows: list[Row], best: Row, primary: str) -> list[bool | None]:
+    """For each row: is its score within 10% of `best`'s? Decided on the paired difference
+    row - 1.1 best (per evaluation set) with its 95% interval; None when the interval straddles 0."""
+    factor = 1 + 0.1 * math.copysign(1.0, best.scores[primary])
+    return [difference(r.cells(primary), best.cells(primary), factor).below(0.0) for r in rows]
+
+
+def first_within(rows: list[Row], primary: str, best: Row) -> dict | None:
+    """The row of smallest NFE from which every larger NFE is resolved within 10% of `best` (an ODE
+    solver's score settles as NFE grows), with `earliest`: the smallest NFE from which no row is resolved
+    outside it (where the first hit could be, were the unresolved rows within). None if neither exists."""
     rows = sorted(rows, key=lambda r: r.nfe)
-    for i, row in enumerate(rows):
-        if all(r.scores[primary] <= threshold for r in rows[i:]):
-            return row
+    verdicts = within_verdicts(rows, best, primary)
+    hit = earliest = len(rows)
+    while hit > 0 and verdicts[hit - 1] is True:
+        hit -= 1
+    while earliest > 0 and verdicts[earliest - 1] is not False:
+        earliest -= 1
+    if earliest == len(rows):
+        return None
+    out = {"nfe": rows[hit].nfe if hit < len(rows) else None, "earliest": rows[earliest].nfe,
+           "resolved": hit == earliest}
+    if hit < len(rows):
+        out.update(seconds_per_sample=rows[hit].seconds_per_sample, **{primary: rows[hit].scores[primary]})
+    return out
+
+
+def first_hit(rows: list[Row], primary: str, best: Row) -> dict | None:
+    """The learned map: its first step count resolved within 10% of `best`; an unresolved step count
+    before it makes the answer unresolved (it could be the first). None if it never gets there."""
+    rows = sorted(rows, key=lambda r: r.nfe)
+    for row, verdict in zip(rows, within_verdicts(rows, best, primary)):
+        if verdict is False:
+            continue
+        return {"nfe": row.nfe, "earliest": row.nfe, "resolved": verdict is True,
+                "seconds_per_sample": row.seconds_per_sample, primary: row.scores[primary]}
     return None
 
 
 def speedup(rows: list[Row], primary: str) -> dict[str, dict]:
-    """Within 10% of the teacher's best score: the learned map's first step count that gets there, each
-    teacher solver's smallest NFE from which it stays there (an ODE solver's score settles as NFE grows;
-    a few-step map's need not, and a user samples it at its best step count), and the ratio of the
-    cheapest fixed-step solver's NFE and wall-clock at that quality to the learned map's."""
+    """Within 10% of the teacher's best score (the teacher row of lowest mean): the learned map's first
+    step count that gets there, each teacher solver's smallest NFE from which it stays there (an ODE
+    solver's score settles as NFE grows; a few-step map's need not, and a user samples it at its best
+    step count), and the ratio of the cheapest fixed-step solver's NFE and wall-clock at that quality
+    to the learned map's. Every "within" is a verdict on a paired difference with its interval; the
+    summary says `resolved: False` when an unresolved row could change the step counts compared."""
     teacher = [r for r in rows if r.method != "flow_map"]
     if not teacher:
         return {}
-    best = min(r.scores[primary] for r in teacher)
+    best_row = min(teacher, key=lambda r: r.scores[primary])
+    best = best_row.scores[primary]
     threshold = best + 0.1 * abs(best)
     out = {}
     for method in sorted({r.method for r in rows}):
-        mine = sorted((r for r in rows if r.method == method), key=lambda r: r.nfe)
-        if method == "flow_map":
-            hit = next((r for r in mine if r.scores[primary] <= threshold), None)
-        else:
-            hit = first_within(mine, primary, threshold)
-        out[method] = None if hit is None else {"nfe": hit.nfe, "seconds_per_sample": hit.seconds_per_sample,
-                                                primary: hit.scores[primary]}
+        mine = [r for r in rows if r.method == method]
+        out[method] = (first_hit if method == "flow_map" else first_within)(mine, primary, best_row)
     fixed = {m: v for m, v in out.items() if v is not None and m != "flow_map" and not m.startswith("dopri5")}
+    hits = {m: v for m, v in fixed.items() if v["nfe"] is not None}
     flow = out.get("flow_map")
-    if fixed and flow is not None:
-        cheapest = min(fixed, key=lambda m: fixed[m]["nfe"])
+    if hits and flow is not None:
+        cheapest = min(hits, key=lambda m: hits[m]["nfe"])
+        resolved = (flow["resolved"] and hits[cheapest]["resolved"]
+                    and all(v["earliest"] >= hits[cheapest]["nfe"] for m, v in fixed.items() if m != cheapest))
         out["summary"] = {"teacher_best": best, "threshold": threshold, "teacher_solver": cheapest,
-                          "teacher_nfe": fixed[cheapest]["nfe"], "flow_map_nfe": flow["nfe"],
-                          "nfe_ratio": fixed[cheapest]["nfe"] / flow["nfe"],
-                          "wallclock_ratio": fixed[cheapest]["seconds_per_sample"] / flow["seconds_per_sample"]}
+                          "teacher_nfe": hits[cheapest]["nfe"], "flow_map_nfe": flow["nfe"],
+                          "nfe_ratio": hits[cheapest]["nfe"] / flow["nfe"],
+                          "wallclock_ratio": hits[cheapest]["seconds_per_sample"] / flow["seconds_per_sample"],
+                          "resolved": resolved, "sets": max(len(r.cells(primary)[0]) for r in rows)}
     return out
 
 
+SET_STRIDE = 7919  # evaluation set j draws from seeds seed + SET_STRIDE * j (+ 0 .. 5): set 0 is the one-set protocol
+
+
 @dataclass
-class Protocol:
-    """What every method of one comparison shares: the noise (already scaled by sigma0), the scorer with
-    its reference set, and the exact velocity when the data is a toy target with ground truth."""
+class EvalSet:
+    """One evaluation set: its noise (already scaled by sigma0), the scorer with its reference, the
+    histogram KL's own noise, and what exact samples score on it (toy targets: the floor)."""
 
     noise: torch.Tensor
     scorer: Scorer
-    exact: ExactVelocity | None = None
     kl_noise: torch.Tensor | None = None   # the histogram KL's own noise set (KL_SAMPLES points)
     floors: dict[str, float] = field(default_factory=dict)
 
 
-def reference_set(exp: ExperimentConfig, shape: tuple[int, ...], samples: int, generator: torch.Generator,
-                  labelled: bool = False):
-    """(reference samples, (images, labels, dataset name) or None): exact draws of a toy target, or a
-    seeded subset of the Parquet shards (with the whole labelled set when `labelled`, which the
+@dataclass
+class Protocol:
+    """What every method of one comparison shares: M evaluation sets, and the exact velocity when the
+    data is a toy target with ground truth. `noise`, `scorer`, `kl_noise` and `floors` are set 0's."""
+
+    sets: list[EvalSet]
+    exact: ExactVelocity | None = None
+
+    @property
+    def noise(self) -> torch.Tensor:
+        return self.sets[0].noise
+
+    @property
+    def scorer(self) -> Scorer:
+        return self.sets[0].scorer
+
+    @property
+    def kl_noise(self) -> torch.Tensor | None:
+        return self.sets[0].kl_noise
+
+    @property
+    def floors(self) -> dict[str, float]:
+        return self.sets[0].floors
+
+
+def reference_sets(exp: ExperimentConfig, shape: tuple[int, ...], samples: int, sets: int, generator_for,
+                   labelled: bool = False):
+    """([reference of each set], (images, labels, dataset name) or None): exact draws of a toy target
+    (set j drawn from `generator_for(j)`), or `sets` disjoint subsets of one permutation of the Parquet
+    shards (drawn from `generator_for(0)`; with the whole labelled set when `labelled`, which the
     classifier-feature distance trains on)."""
     if exp.data.target is not None:
         target = make_target(exp.data.target)
         if (target.dim,) != shape:
             raise ValueError(f"the checkpoint's samples have shape {list(shape)} but {exp.data.target!r} has "
                              f"[{target.dim}].")
-        return target.sample(samples, generator), None
+        return [target.sample(samples, generator_for(j)) for j in range(sets)], None
     data, manifest = read_part(exp.data.path)
     if tuple(manifest["shape"]) != shape:
         raise ValueError(f"the checkpoint's samples have shape {list(shape)} but the data at "
                          f"{exp.data.path!r} has {manifest['shape']}.")
-    reference = data[torch.randperm(len(data), generator=generator)[:samples]]
+    check_disjoint(len(data), samples, sets, exp.data.path)
+    order = torch.randperm(len(data), generator=generator_for(0))
+    references = [data[order[j * samples:(j + 1) * samples]] for j in range(sets)]
     if labelled and len(shape) == 3:
         try:
-            return reference, (data, read_labels(exp.data.path), manifest.get("dataset", "images"))
+            return references, (data, read_labels(exp.data.path), manifest.get("dataset", "images"))
         except ValueError:  # no label column: the classifier distance is refused by the Scorer
             pass
-    return reference, None
+    return references, None
+
+
+def check_disjoint(rows: int, samples: int, sets: int, where: str) -> None:
+    """A dataset gives `sets` disjoint references of `samples` images only if it holds sets x samples."""
+    if sets * samples > rows:
+        raise ValueError(f"evaluation.sets: {sets} disjoint reference subsets of evaluation.samples {samples} need "
+                         f"{sets * samples} rows but the data at {where!r} holds {rows}: allowed are sets <= "
+                         f"{max(1, rows // samples)} at this sample size (or fewer samples).")
+
+
+def box_log_density(target: BoxMixture):
+    """The log density of a 2-D box target. Boxes half-open, [low, high), as a board indexed by floor()
+    is: a bin centre on a square's edge counts for the square that starts there. The paper's KL follows
+    this convention (exact samples score 0.067 to 0.069 at 64,000 with it, the paper about 0.066; 0.128
+    with closed boxes, 0.009 with open ones)."""
+    volume = (target.highs - target.lows).prod(1)
+
+    def log_density(points):
+        inside = ((points[:, None] >= target.lows) & (points[:, None] < target.highs)).all(-1)
+        return torch.log((inside.double() * (target.weights / volume)).sum(1))
+    return log_density
 
 
 def build_protocol(exp: ExperimentConfig, interpolant: Interpolant, shape: tuple[int, ...], samples: int,
-                   seed: int = 0, metrics_wanted: list[str] | None = None, log=print) -> Protocol:
-    """The seeded noise set and reference for experiment `exp`'s data: exact draws and the float64
-    reference map of the same noise for a toy target, a seeded subset of the Parquet shards otherwise."""
-    g = torch.Generator().manual_seed(seed)
-    noise = interpolant.sigma0 * torch.randn((samples, *shape), generator=g)
+                   seed: int = 0, metrics_wanted: list[str] | None = None, log=print, sets: int = 1) -> Protocol:
+    """`sets` seeded evaluation sets for experiment `exp`'s data: per set, its noise, exact draws and the
+    float64 reference map of the same noise for a toy target (and what another exact draw scores: the
+    floor), or a disjoint subset of the Parquet shards otherwise. Set 0 is the one-set protocol."""
+    if sets < 1:
+        raise ValueError(f"evaluation.sets is {sets}: give at least 1 evaluation set.")
     wants_classifier = metrics_wanted is None or "fd_classifier" in metrics_wanted
-    reference, labelled = reference_set(exp, shape, samples, torch.Generator().manual_seed(seed + 1), wants_classifier)
-    if exp.data.target is None:
-        return Protocol(noise, Scorer(shape, reference, wanted=metrics_wanted, labelled=labelled))
-    target = make_target(exp.data.target)
-    exact = ExactVelocity(target, interpolant)
-    reference_map = log_density = extent = None
-    if metrics_wanted is None or "rmse_vs_ode" in metrics_wanted:
-        log(f"[fmm] float64 reference map of {samples} noise points ...")
-        reference_map = reference_flow_map(exact, 0.0, 1.0, noise.double())
-    kl_noise, floors = None, {}
-    if isinstance(target, BoxMixture) and shape == (2,):
-        extent = float(target.highs.max())
-        volume = (target.highs - target.lows).prod(1)
+    references, labelled = reference_sets(exp, shape, samples, sets,
+                                          lambda j: torch.Generator().manual_seed(seed + SET_STRIDE * j + 1),
+                                          wants_classifier)
+    target = make_target(exp.data.target) if exp.data.target is not None else None
+    exact = ExactVelocity(target, interpolant) if target is not None else None
+    out = []
+    for j, reference in enumerate(references):
+        base = seed + SET_STRIDE * j
+        noise = interpolant.sigma0 * torch.randn((samples, *shape), generator=torch.Generator().manual_seed(base))
+        if target is None:
+            out.append(EvalSet(noise, Scorer(shape, reference, wanted=metrics_wanted, labelled=labelled)))
+            continue
+        reference_map = log_density = extent = None
+        if metrics_wanted is None or "rmse_vs_ode" in metrics_wanted:
+            log(f"[fmm] float64 reference map of {samples} noise points (evaluation set {j + 1} of {sets}) ...")
+            reference_map = reference_flow_map(exact, 0.0, 1.0, noise.double())
+        if isinstance(target, BoxMixture) and shape == (2,):
+            extent, log_density = float(target.highs.max()), box_log_density(target)
+        scorer = Scorer(shape, reference, reference_map, log_density, extent, metrics_wanted)
+        # The floor: what an exact sampler scores against this set's reference at the same sample size.
+        floors = {k: v for k, v in scorer(target.sample(samples, torch.Generator().manual_seed(base + 5)),
+                                          paired=False).items()}
+        kl_noise = None
+        if "histogram_kl" in scorer.wanted:
+            kl_noise = interpolant.sigma0 * torch.randn((KL_SAMPLES, *shape), generator=torch.Generator().manual_seed(base + 3))
+            floors["histogram_kl"] = scorer.histogram(target.sample(KL_SAMPLES, torch.Generator().manual_seed(base + 4)))
+        out.append(EvalSet(noise, scorer, kl_noise, floors))
+    return Protocol(out, exact)
 
-        def log_density(points):
-            # Boxes half-open, [low, high), as a board indexed by floor() is: a bin centre on a square's
-            # edge counts for the square that starts there. The paper's KL follows this convention
-            # (exact samples score 0.067 to 0.069 at 64,000 with it, the paper about 0.066; 0.128 with closed
-            # boxes, 0.009 with open ones).
-            inside = ((points[:, None] >= target.lows) & (points[:, None] < target.highs)).all(-1)
-            return torch.log((inside.double() * (target.weights / volume)).sum(1))
-    scorer = Scorer(shape, reference, reference_map, log_density, extent, metrics_wanted)
-    if "histogram_kl" in scorer.wanted:
-        kl_noise = interpolant.sigma0 * torch.randn((KL_SAMPLES, *shape), generator=torch.Generator().manual_seed(seed + 3))
-        floors["histogram_kl"] = scorer.histogram(target.sample(KL_SAMPLES, torch.Generator().manual_seed(seed + 4)))
-    return Protocol(noise, scorer, exact, kl_noise, floors)
+
+def merge_sets(reports: list[Report]) -> Report:
+    """One report from the same runs on M evaluation sets: each row's scores on every set (`sets`) and
+    their mean, wall-clock per sample averaged, the floors per set, the speed-up decided on the sets."""
+    first = reports[0]
+    rows = []
+    for i, row in enumerate(first.rows):
+        same = [r.rows[i] for r in reports]
+        tables = {k: [[r.scores.get(k, math.nan) for r in same]] for k in row.scores}
+        rows.append(Row(row.method, row.steps, row.nfe, sum(r.seconds_per_sample for r in same) / len(same),
+                        {k: sum(t[0]) / len(same) for k, t in tables.items()}, tables))
+    floor_sets = {k: [r.floors.get(k, math.nan) for r in reports] for k in first.floors}
+    return Report(first.primary, first.samples, rows, speedup(rows, first.primary), first.sampler,
+                  {k: sum(v) / len(v) for k, v in floor_sets.items()}, first.note, floor_sets)
+
+
+def merge_seeds(row_lists: list[list[Row]]) -> list[Row]:
+    """One method's rows from its S seed runs (each scored on the same M sets): each row's seeds x sets
+    table, the mean over it, wall-clock per sample averaged over the seeds."""
+    rows = []
+    for same in zip(*row_lists):
+        tables = {k: [r.cells(k)[0] for r in same] for k in same[0].scores}
+        rows.append(Row(same[0].method, same[0].steps, same[0].nfe, sum(r.seconds_per_sample for r in same) / len(same),
+                        {k: sum(sum(c) for c in t) / sum(len(c) for c in t) for k, t in tables.items()}, tables))
+    return rows
+
+
+def run_sets(model, teacher, protocol: Protocol, steps: list[int], teacher_max_nfe: int = 256, log=print,
+             progress: bool = True, sampler=None, sampler_kind: str = "flow_map") -> Report:
+    """run_protocol on each of the protocol's evaluation sets, merged (merge_sets)."""
+    reports = []
+    for j, ev in enumerate(protocol.sets):
+        if len(protocol.sets) > 1:
+            log(f"[fmm] evaluation set {j + 1} of {len(protocol.sets)}")
+        reports.append(run_protocol(model, teacher, ev.noise, steps, ev.scorer, teacher_max_nfe, log,
+                                    progress=progress, sampler=sampler, sampler_kind=sampler_kind,
+                                    kl_noise=ev.kl_noise, floors=ev.floors))
+    return merge_sets(reports)
 
 
 def evaluate_map(model: TwoTimeMap, exp: ExperimentConfig, interpolant: Interpolant, protocol: Protocol,
                  steps: list[int], *, seed: int = 0, teacher: VelocityField | None = None, teacher_max_nfe: int = 64,
                  log=print, progress: bool = True) -> tuple[Report, object]:
     """The evaluation sequence of `fmm evaluate` and of a study's members: the map sampled by its
-    method's own sampler at each step count (and, given a teacher, that teacher's ODE solvers), all
-    from the protocol's noise. Returns the report and the sampler (for sample figures)."""
+    method's own sampler at each step count (and, given a teacher, that teacher's ODE solvers), on each
+    of the protocol's evaluation sets. Returns the report and the sampler (for sample figures)."""
     sampler, kind = sampler_for(exp.objective, interpolant, seed=seed + 2)
-    report = run_protocol(model, teacher, protocol.noise, steps, protocol.scorer, teacher_max_nfe, log,
-                          progress=progress, sampler=sampler, sampler_kind=kind, kl_noise=protocol.kl_noise,
-                          floors=protocol.floors)
+    report = run_sets(model, teacher, protocol, steps, teacher_max_nfe, log, progress=progress, sampler=sampler,
+                      sampler_kind=kind)
     return report, sampler
 
 
 def format_report(report: Report) -> str:
-    lines = [f"learned map sampled with the {report.sampler} sampler; teacher rows are ODE solvers",
+    sets = report.sets
+    spread = (f"; mean ± 95% half-width over {sets} evaluation sets" if sets > 1 else "; one evaluation set, no interval")
+    lines = [f"learned map sampled with the {report.sampler} sampler; teacher rows are ODE solvers{spread}",
              f"{'method':12s} {'steps':>5s} {'NFE':>5s} {'ms/sample':>10s}  " + report.primary]
     for row in sorted(report.rows, key=lambda r: (r.method != "flow_map", r.method, r.nfe)):
         lines.append(f"{row.method:12s} {row.steps:5d} {row.nfe:5d} {1000 * row.seconds_per_sample:10.4f}  "
-                     f"{row.scores[report.primary]:.4g}")
+                     f"{row.estimate(report.primary).text()}")
     summary = report.speedup.get("summary")
     if summary:
+        verdict = "" if summary.get("resolved", True) else (
+            " NOT RESOLVED at this sample size: an unresolved step count could change these")
         lines.append(f"within 10% of the teacher's best {report.primary} ({summary['teacher_best']:.4g}, "
-                     f"{report.samples} samples): flow map at {summary['flow_map_nfe']} NFE, teacher "
+                     f"{report.samples} samples x {sets} set(s)): flow map at {summary['flow_map_nfe']} NFE, teacher "
                      f"{summary['teacher_solver']} at {summary['teacher_nfe']} NFE: NFE ratio {summary['nfe_ratio']:.1f}, "
-                     f"wall-clock ratio {summary['wallclock_ratio']:.2f} (teacher / flow map)")
+                     f"wall-clock ratio {summary['wallclock_ratio']:.2f} (teacher / flow map){verdict}")
     elif "flow_map" in report.speedup and report.speedup["flow_map"] is None:
         lines.append(f"the flow map never comes within 10% of the teacher's best {report.primary}")
     for name, value in report.floors.items():
         size = KL_SAMPLES if name == "histogram_kl" else report.samples
-        lines.append(f"floor: exact samples score {name} {value:.4g} at {size} samples (a perfect sampler's score)")
+        floor = estimate(report.floor_sets.get(name) or [value]).text()
+        lines.append(f"floor: exact samples score {name} {floor} at {size} samples (a perfect sampler's score)")
     if report.note:
         lines.append(report.note)
     return "\n".join(lines)
 
 
-__all__ = ["Protocol", "Report", "Row", "Scorer", "build_protocol", "evaluate_map", "format_report", "speedup",
-           "teacher_grid"]
+__all__ = ["EvalSet", "Protocol", "Report", "Row", "Scorer", "build_protocol", "evaluate_map", "format_report",
+           "merge_seeds", "merge_sets", "run_sets", "speedup", "teacher_grid"]

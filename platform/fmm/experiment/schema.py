@@ -79,6 +79,7 @@ class TrainConfig(StrictModel):
     eval_every: int | None = Field(None, ge=1)      # periodic evaluation of the EMA map (rank 0)
     eval_steps: list[int] = [1, 2, 4]
     eval_samples: int = Field(2000, ge=10, le=10**7)
+    eval_sets: int = Field(1, ge=1, le=100)       # periodic evaluation: the mean over this many evaluation sets
     eval_metric: Literal["auto", "sw2", "energy", "mmd", "fd_classifier", "fid"] = "auto"
 
     @field_validator("sample_steps", "eval_steps")

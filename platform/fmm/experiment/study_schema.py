@@ -14,7 +14,8 @@
       cd: {objective: {name: cd}}
       lsd: {objective: {name: lsd}, train: {eval_every: 250},
             sweep: {space: {optim.lr: {float: [3.0e-4, 3.0e-3], log: true}}, metric: eval/sw2_steps001}}
-    evaluation: {steps: [1, 2, 4, 8], samples: 10000, metrics: [sw2, energy], teacher_max_nfe: 64}
+    seeds: [0, 1, 2]                       # each method trained once per seed (default: once, at train.seed)
+    evaluation: {steps: [1, 2, 4, 8], samples: 10000, sets: 5, metrics: [sw2, energy], teacher_max_nfe: 64}
     storage: {path: ./studies}
     tracking: {experiment: fmm-studies}
 
@@ -23,6 +24,11 @@ distillation member whose teacher is still to be trained counts as having one, a
 teacher's run when it exists (`StudyPlan.give_teacher`). Distillation methods get the study's
 teacher unless they name their own; a method that distils nothing but says `init: teacher` starts
 from the study's teacher's weights.
+
+With `seeds: [s_1, ..., s_S]` every method (not the teacher, and not a swept method, whose best trial
+stands for it) trains once per seed: `<study>-<label>-seed<s>` with train.seed = s, each its own run
+nested under the member's run. `evaluation.sets: M` scores everything on M evaluation sets, so that
+each (method, step count) has S x M scores and a 95% interval (fmm.evaluation.intervals).
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ class EvaluationSpec(StrictModel):
     metrics: list[str] | None = None        # the first is the quality metric of the comparison
     teacher_max_nfe: int = Field(64, ge=1, le=4096)
     seed: int = 0
+    sets: int = Field(1, ge=1, le=100)      # independent evaluation sets (noise and reference draws)
 
     @field_validator("steps")
     @classmethod
@@ -99,6 +106,18 @@ class StudyConfig(StrictModel):
     storage: StorageConfig = StorageConfig(path="./studies")
     tracking: TrackingConfig = TrackingConfig(experiment="fmm-studies")
     max_concurrent: int | None = Field(None, ge=1)
+    seeds: list[int] | None = None          # training seeds of every method; None: one run at train.seed
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and not seeds:
+            raise ValueError("seeds is empty: give distinct integer training seeds, e.g. [0, 1, 2], or leave the "
+                             "key out for one run per method")
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            twice = sorted({s for s in seeds if seeds.count(s) > 1})
+            raise ValueError(f"seeds repeats {twice}: each seed trains one run; give distinct integers, e.g. [0, 1, 2]")
+        return seeds
 
     @model_validator(mode="after")
     def _checks(self) -> StudyConfig:
@@ -176,6 +195,17 @@ class Member:
     exp: ExperimentConfig
     sweep: MethodSweep | None = None
     awaits_teacher: bool = False   # distils the study's teacher, which is trained first
+    seeds: list[int] | None = None  # trained once per seed, each run nested under the member's run
+
+    def seed_runs(self) -> list[tuple[int, ExperimentConfig]]:
+        """(seed, experiment) of each of the member's seed runs: `<name>-seed<s>` with train.seed = s."""
+        out = []
+        for seed in self.seeds or []:
+            exp = self.exp.model_copy(deep=True)
+            exp.name = f"{self.exp.name}-seed{seed}"
+            exp.train.seed = seed
+            out.append((seed, exp))
+        return out
 
 
 @dataclass
@@ -273,7 +303,13 @@ def plan_study(study: StudyConfig, uri: str) -> StudyPlan:
         except ValueError as err:
             raise ValueError(f"{where}: method {label!r}: {err}") from None
         shapes[label] = sample_shape(exp)
-        methods.append(Member(label, "method", exp, sweep, awaits))
+        seeds = None
+        if study.seeds is not None and sweep is None:
+            if len(study.seeds) == 1:  # one seed: the member's own run trains at it
+                exp.train.seed = study.seeds[0]
+            else:
+                seeds = list(study.seeds)
+        methods.append(Member(label, "method", exp, sweep, awaits, seeds))
     first = next(iter(shapes))
     for label, shape in shapes.items():
         if shape != shapes[first]:

@@ -10,6 +10,12 @@ step count at which a method comes within 10% of the teacher's best score, again
 fixed-step solver that stays within it, in NFE and in wall-clock per sample). The same tables go to the
 study's run as CSV and Markdown, with the quality-versus-steps figure.
 
+Every cell is a mean over seeds x evaluation sets with its 95% interval (fmm.evaluation.intervals),
+read from each run's per-set scores (`<metric>/set<j>`, in each seed's run when a method has
+seeds), so that differences are paired by set: at each step count the best method is marked `*` and
+a method the data cannot tell apart from it `~`; the speed-up's verdicts are decided on paired
+differences and say "not resolved" when an interval straddles the 10% bar.
+
 Given an MLflow experiment that holds no study, every evaluated run in it is a row, each against
 the teacher solvers `fmm evaluate` logged into it.
 """
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 import matplotlib
 import matplotlib.pyplot as plt
 
+from fmm.evaluation.intervals import Estimate, estimate, rank
 from fmm.evaluation.protocol import Row, first_within, speedup
 from fmm.experiment.study_schema import load_study
 from fmm.infra import tracking
@@ -36,17 +43,30 @@ FIXED_STEP = ("euler", "heun-le", "rk4-le")
 
 @dataclass
 class Curve:
-    """One method's (or one solver's) score and seconds per sample at each NFE, as MLflow holds them."""
+    """One method's (or one solver's) scores and seconds per sample at each NFE, as MLflow holds them:
+    `cells[nfe]` is its seeds x sets table, `scores[nfe]` the mean over it."""
 
     label: str
     run_id: str
-    scores: dict[int, float]
+    cells: dict[int, list[list[float]]]
     seconds: dict[int, float]
     status: str = "FINISHED"
     sampler: str = ""
 
+    @property
+    def scores(self) -> dict[int, float]:
+        return {n: self.estimate(n).mean for n in self.cells}
+
+    def estimate(self, nfe: int) -> Estimate:
+        return estimate(self.cells[nfe])
+
+    @property
+    def n(self) -> int:
+        return max((len(t) * len(t[0]) for t in self.cells.values()), default=0)
+
     def rows(self, method: str) -> list[Row]:
-        return [Row(method, nfe, nfe, self.seconds.get(nfe, math.nan), {"score": v}) for nfe, v in self.scores.items()]
+        return [Row(method, nfe, nfe, self.seconds.get(nfe, math.nan), {"score": self.estimate(nfe).mean},
+                    {"score": t}) for nfe, t in self.cells.items()]
 
 
 @dataclass
@@ -61,28 +81,69 @@ class Comparison:
     exact: dict[str, Curve] = field(default_factory=dict)
     own_teachers: dict[str, dict[str, Curve]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    floor: list[float] | None = None          # what exact samples score on each evaluation set (toy targets)
 
     @property
     def steps(self) -> list[int]:
-        return sorted({n for c in self.methods for n in c.scores})
+        return sorted({n for c in self.methods for n in c.cells})
 
-    def teacher_within(self, solvers: dict[str, Curve], nfe: int) -> float:
-        """The teacher's best score among fixed-step solver runs spending at most `nfe` NFE."""
-        values = [v for name, c in solvers.items() if name in FIXED_STEP for n, v in c.scores.items() if n <= nfe]
-        return min(values) if values else math.nan
+    def teacher_within(self, solvers: dict[str, Curve], nfe: int) -> Estimate | None:
+        """The teacher's best fixed-step solver run (lowest mean) spending at most `nfe` NFE."""
+        runs = [(c.estimate(n), name) for name, c in solvers.items() if name in FIXED_STEP for n in c.cells if n <= nfe]
+        runs = [r for r in runs if math.isfinite(r[0].mean)]
+        return min(runs, key=lambda r: r[0].mean)[0] if runs else None
 
     def solvers_for(self, curve: Curve, reference: str = "teacher") -> dict[str, Curve]:
         if reference == "exact":
             return self.exact
         return self.own_teachers.get(curve.label) or self.teacher
 
+    def ranks(self) -> dict[int, dict[str, str]]:
+        """At each step count: best / tie / worse of every method, on paired differences (intervals.rank)."""
+        return {n: rank({c.label: c.cells[n] for c in self.methods if n in c.cells}) for n in self.steps}
+
+    # -- the tables ------------------------------------------------------------------------------------
+
+    def spread(self) -> str:
+        n = max((c.n for c in self.methods), default=1)
+        if n <= 1:
+            return "one seed and one evaluation set: no intervals, verdicts on point values"
+        return ("mean ± 95% half-width over seeds x evaluation sets (n per method; t interval, paired by set); "
+                "* best at the step count, ~ not resolved from the best")
+
+    def quality_rows(self) -> list[list[str]]:
+        header = ["method", "sampler", "n"] + [str(n) for n in self.steps]
+        rows = [header]
+        ranks = self.ranks()
+        marks = {"best": " *", "tie": " ~"}
+        for c in self.methods:
+            cells = []
+            for n in self.steps:
+                mark = marks.get(ranks[n].get(c.label), "") if len(ranks[n]) > 1 else ""
+                cells.append(c.estimate(n).text() + mark if n in c.cells else "-")
+            rows.append([c.label, c.sampler, str(c.n)] + cells)
+        for label in self.failures:
+            rows.append([label, "FAILED", "-"] + ["-" for _ in self.steps])
+        for name, solvers in (("teacher ODE", self.teacher), ("exact ODE", self.exact)):
+            if solvers:
+                ests = [self.teacher_within(solvers, n) for n in self.steps]
+                rows.append([name, "best solver", str(max(c.n for c in solvers.values()))]
+                            + [e.text() if e else "-" for e in ests])
+        return rows
+
+    def floor_line(self) -> str:
+        if not self.floor:
+            return ""
+        return (f"floor: exact samples score {self.metric} {estimate([self.floor]).text()} at this sample size "
+                f"(a perfect sampler's score; excess over a perfect sampler = score - floor)")
+
     def speedups(self, reference: str = "teacher") -> dict[str, dict | None]:
-        """Per method: evaluate.speedup's summary against the teacher's solvers (or the exact velocity's;
+        """Per method: protocol.speedup's summary against the teacher's solvers (or the exact velocity's;
         outside a study, each run's own), {"never": True} if it never comes within 10%, None with no curve."""
         out = {}
         for curve in self.methods:
             solvers = self.solvers_for(curve, reference)
-            if not solvers or not curve.scores:
+            if not solvers or not curve.cells:
                 out[curve.label] = None
                 continue
             result = speedup(curve.rows("flow_map") + [r for name, c in solvers.items() for r in c.rows(name)],
@@ -90,57 +151,50 @@ class Comparison:
             out[curve.label] = result.get("summary") or {"never": True}
         return out
 
-    # -- the tables ------------------------------------------------------------------------------------
-
-    def quality_rows(self) -> list[list[str]]:
-        header = ["method", "sampler"] + [str(n) for n in self.steps]
-        rows = [header]
-        for c in self.methods:
-            rows.append([c.label, c.sampler] + [_fmt(c.scores.get(n)) for n in self.steps])
-        for label in self.failures:
-            rows.append([label, "FAILED"] + ["-" for _ in self.steps])
-        for name, solvers in (("teacher ODE", self.teacher), ("exact ODE", self.exact)):
-            if solvers:
-                rows.append([name, "best solver"] + [_fmt(self.teacher_within(solvers, n)) for n in self.steps])
-        return rows
-
     def speedup_rows(self, reference: str = "teacher") -> list[list[str]]:
         header = ["method", "NFE", "ms/sample", f"{reference} solver", f"{reference} NFE", f"{reference} ms/sample",
-                  "NFE ratio", "wall-clock ratio"]
+                  "NFE ratio", "wall-clock ratio", "verdict"]
         rows = [header]
         for curve in self.methods:
             s = self.speedups(reference)[curve.label]
             if s is None:
-                rows.append([curve.label, "-", "-", f"no {reference} curve", "-", "-", "-", "-"])
+                rows.append([curve.label, "-", "-", f"no {reference} curve", "-", "-", "-", "-", "-"])
             elif s.get("never"):
-                rows.append([curve.label, "never", "-", "-", "-", "-", "-", "-"])
+                rows.append([curve.label, "never", "-", "-", "-", "-", "-", "-", "-"])
             else:
                 solvers = self.solvers_for(curve, reference)
                 ms = 1000 * curve.seconds.get(s["flow_map_nfe"], math.nan)
                 solver_ms = 1000 * solvers[s["teacher_solver"]].seconds.get(s["teacher_nfe"], math.nan)
+                verdict = "resolved" if s["resolved"] else "not resolved at this sample size"
                 rows.append([curve.label, str(s["flow_map_nfe"]), _fmt(ms), s["teacher_solver"], str(s["teacher_nfe"]),
-                             _fmt(solver_ms), f"{s['nfe_ratio']:.1f}", f"{s['wallclock_ratio']:.2f}"])
+                             _fmt(solver_ms), f"{s['nfe_ratio']:.1f}", f"{s['wallclock_ratio']:.2f}", verdict])
         return rows
 
     def reference_line(self, solvers: dict[str, Curve], name: str) -> str:
         """The solvers' best score, and from which NFE each fixed-step solver stays within 10% of it."""
-        best, solver, nfe = min((v, s, n) for s, c in solvers.items() for n, v in c.scores.items())
-        threshold = best + 0.1 * abs(best)
-        hits = {s: first_within(c.rows(s), "score", threshold) for s, c in solvers.items() if s in FIXED_STEP}
-        within = ", ".join(f"{s} from {hit.nfe}" for s, hit in sorted(hits.items(), key=lambda kv: kv[1].nfe
-                                                                          if kv[1] else math.inf) if hit)
-        return (f"{name}: best {self.metric} {best:.4g} ({solver}, {nfe} NFE); within 10% (<= {threshold:.4g}): "
-                f"{within or 'no fixed-step solver'}")
+        best = min((r for s, c in solvers.items() for r in c.rows(s)), key=lambda r: r.scores["score"])
+        threshold = best.scores["score"] + 0.1 * abs(best.scores["score"])
+        hits = {s: first_within(c.rows(s), "score", best) for s, c in solvers.items() if s in FIXED_STEP}
+        within = ", ".join(f"{s} from {hit['nfe']}" + ("" if hit["resolved"] else f" (not resolved: {hit['earliest']} "
+                                                                               f"to {hit['nfe']})")
+                           for s, hit in sorted(hits.items(), key=lambda kv: kv[1]["nfe"] if kv[1] and kv[1]["nfe"]
+                                                else math.inf) if hit and hit["nfe"] is not None)
+        return (f"{name}: best {self.metric} {best.estimate('score').text()} ({best.method}, {best.nfe} NFE); within "
+                f"10% (<= {threshold:.4g}): {within or 'no fixed-step solver'}")
 
     def render(self) -> str:
-        lines = [self.title, f"{self.metric} by sampling steps (NFE), {self.samples} samples; lower is better", ""]
+        lines = [self.title, f"{self.metric} by sampling steps (NFE), {self.samples} samples; lower is better; "
+                 f"{self.spread()}", ""]
         lines += _text_table(self.quality_rows())
+        if self.floor:
+            lines.append(self.floor_line())
         lines.append("")
         for solvers, name in ((self.teacher, "teacher ODE"), (self.exact, "exact ODE")):
             if solvers:
                 lines.append(self.reference_line(solvers, name))
         lines += ["", "speed-up at equal quality: the first step count at which a method comes within 10% of the "
-                  "teacher's best, against the cheapest fixed-step teacher solver that stays within it"]
+                  "teacher's best, against the cheapest fixed-step teacher solver that stays within it (each "
+                  "'within' decided on the paired difference with its 95% interval)"]
         lines += _text_table(self.speedup_rows())
         if self.exact and self.teacher is not self.exact:
             lines += ["", "the same against the exact velocity's solvers"]
@@ -150,8 +204,11 @@ class Comparison:
         return "\n".join(lines)
 
     def markdown(self) -> str:
-        parts = [f"# {self.title}", "", f"{self.metric} by sampling steps (NFE), {self.samples} samples", ""]
+        parts = [f"# {self.title}", "", f"{self.metric} by sampling steps (NFE), {self.samples} samples; {self.spread()}",
+                 ""]
         parts += _markdown_table(self.quality_rows())
+        if self.floor:
+            parts += ["", self.floor_line()]
         parts += ["", "Speed-up at equal quality (within 10% of the teacher's best)", ""]
         parts += _markdown_table(self.speedup_rows())
         if self.exact and self.teacher is not self.exact:
@@ -160,32 +217,45 @@ class Comparison:
         return "\n".join(parts) + "\n"
 
     def csv(self) -> str:
-        lines = ["method,role,solver,nfe,value,seconds_per_sample"]
+        """Per cell: mean, the 95% interval's bounds and n (empty bounds when n = 1)."""
+        lines = ["method,role,solver,nfe,mean,low,high,n,seconds_per_sample"]
+
+        def line(label, role, solver, curve, n):
+            e = curve.estimate(n)
+            bounds = f"{e.low!r},{e.high!r}" if e.has_interval else ","
+            return f"{label},{role},{solver},{n},{e.mean!r},{bounds},{e.n},{curve.seconds.get(n, '')!r}"
         for c in self.methods:
-            lines += [f"{c.label},method,{c.sampler},{n},{v!r},{c.seconds.get(n, '')!r}" for n, v in sorted(c.scores.items())]
+            lines += [line(c.label, "method", c.sampler, c, n) for n in sorted(c.cells)]
         for role, solvers in (("teacher", self.teacher), ("exact", self.exact)):
             for name, c in solvers.items():
-                lines += [f"{role},{role},{name},{n},{v!r},{c.seconds.get(n, '')!r}" for n, v in sorted(c.scores.items())]
+                lines += [line(role, role, name, c, n) for n in sorted(c.cells)]
         return "\n".join(lines) + "\n"
 
     def figure(self):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for c in self.methods:
-            pts = sorted(c.scores.items())
-            if pts:
-                ax.plot(*zip(*pts), marker="o", lw=1.8, label=c.label)
-        xs = sorted({n for s in self.teacher.values() for n in s.scores} | set(self.steps))
+            ns = sorted(c.cells)
+            if ns:
+                ests = [c.estimate(n) for n in ns]
+                line, = ax.plot(ns, [e.mean for e in ests], marker="o", lw=1.8, label=c.label)
+                if all(e.has_interval for e in ests):
+                    ax.fill_between(ns, [max(e.low, 1e-12) for e in ests], [e.high for e in ests],
+                                    color=line.get_color(), alpha=0.2, lw=0)
+        xs = sorted({n for s in self.teacher.values() for n in s.cells} | set(self.steps))
         for solvers, name, style, color in ((self.teacher, "teacher ODE (best fixed-step solver)", "--", "black"),
                                             (self.exact, "exact ODE (best fixed-step solver)", ":", "gray")):
             if solvers and (name.startswith("teacher") or solvers is not self.teacher):
                 pts = [(n, self.teacher_within(solvers, n)) for n in xs]
-                pts = [p for p in pts if math.isfinite(p[1])]
+                pts = [(n, e.mean) for n, e in pts if e is not None]
                 if pts:
                     ax.plot(*zip(*pts), linestyle=style, color=color, lw=1.5, label=name, drawstyle="steps-post")
+        if self.floor:
+            ax.axhline(sum(self.floor) / len(self.floor), color="gray", lw=0.8, alpha=0.6,
+                       label="floor (exact samples)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("NFE (sampling steps)")
-        ax.set_ylabel(self.metric)
+        ax.set_ylabel(self.metric + (" (bands: 95% intervals)" if any(c.n > 1 for c in self.methods) else ""))
         ax.set_title(self.title, fontsize=9)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
@@ -235,12 +305,21 @@ def _history(client, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
-def _solver_curves(client, run, prefix: str, metric: str) -> dict[str, Curve]:
+def _per_set(client, run_id: str, key: str, sets: int) -> dict[int, list[float]]:
+    """nfe -> the run's score on each evaluation set (`<key>/set<j>`; `<key>` itself with one set)."""
+    if sets <= 1:
+        return {n: [v] for n, v in _history(client, run_id, key).items()}
+    histories = [_history(client, run_id, f"{key}/set{j}") for j in range(sets)]
+    return {n: [h[n] for h in histories] for n in sorted(histories[0]) if all(n in h for h in histories)}
+
+
+def _solver_curves(client, run, prefix: str, metric: str, sets: int) -> dict[str, Curve]:
     out = {}
     for key in run.data.metrics:
         if key.startswith(prefix + "/") and key.endswith("/" + metric) and key.count("/") == 2:
             solver = key.split("/")[1]
-            out[solver] = Curve(solver, run.info.run_id, _history(client, run.info.run_id, key),
+            cells = {n: [v] for n, v in _per_set(client, run.info.run_id, key, sets).items()}
+            out[solver] = Curve(solver, run.info.run_id, cells,
                                 _history(client, run.info.run_id, f"{prefix}/{solver}/seconds_per_sample"))
     return out
 
@@ -256,10 +335,22 @@ def method_label(label: str, params: dict[str, str]) -> str:
     return f"{label}[{','.join(marks)}]" if marks else label
 
 
-def _method_curve(client, run, metric: str, label: str) -> Curve:
+def _method_curve(client, run, metric: str, label: str, sets: int, seed_runs=()) -> Curve:
+    """A method's curve: its own per-set scores, or (trained at several seeds) each seed run's, stacked
+    into a seeds x sets table per NFE (the NFEs every seed has)."""
     rid = run.info.run_id
-    return Curve(method_label(label, run.data.params), rid, _history(client, rid, metric), _history(client, rid, "seconds_per_sample"),
+    tables = [_per_set(client, r.info.run_id, metric, sets) for r in seed_runs] or [_per_set(client, rid, metric, sets)]
+    common = set(tables[0]).intersection(*tables[1:])
+    cells = {n: [t[n] for t in tables] for n in sorted(common)}
+    return Curve(method_label(label, run.data.params), rid, cells, _history(client, rid, "seconds_per_sample"),
                  run.info.status, run.data.tags.get("eval_sampler", ""))
+
+
+def _floor(client, run, metric: str, sets: int) -> list[float] | None:
+    if f"floor/{metric}" not in run.data.metrics:
+        return None
+    values = _per_set(client, run.info.run_id, f"floor/{metric}", sets)
+    return values.get(0)
 
 
 def compare_study(uri: str, parent_run_id: str, metric: str | None = None) -> Comparison:
@@ -279,15 +370,23 @@ def compare_study(uri: str, parent_run_id: str, metric: str | None = None) -> Co
         label = run.data.tags["study_member"]
         if label not in latest or run.info.start_time > latest[label].info.start_time:
             latest[label] = run
-    curves = [_method_curve(client, run, metric, label) for label, run in latest.items()]
+    sets = int(parent.data.tags.get("eval_sets") or 1)
+    seeds: dict[str, list] = {}
+    for run in kids:
+        if run.data.tags.get("study_role") == "seed":
+            seeds.setdefault(run.data.tags["study_member"], []).append(run)
+    curves = [_method_curve(client, run, metric, label, sets,
+                            sorted(seeds.get(label, []) if run.data.tags.get("kind") == "member" else [],
+                                   key=lambda r: int(r.data.tags["study_seed"])))
+              for label, run in latest.items()]
     teacher_runs = [r for r in kids if r.data.tags.get("study_role") == "teacher"]
-    teacher = _solver_curves(client, teacher_runs[0], "teacher", metric) if teacher_runs else {}
-    teacher = teacher or _solver_curves(client, parent, "teacher", metric)
-    exact = _solver_curves(client, parent, "exact", metric)
+    teacher = _solver_curves(client, teacher_runs[0], "teacher", metric, sets) if teacher_runs else {}
+    teacher = teacher or _solver_curves(client, parent, "teacher", metric, sets)
+    exact = _solver_curves(client, parent, "exact", metric, sets)
     experiment = client.get_experiment(parent.info.experiment_id).name
     title = f"study {parent.info.run_name} (MLflow experiment {experiment}, run {parent_run_id})"
     comparison = Comparison(title, metric, parent.data.tags.get("eval_samples", "?"), uri, parent_run_id, curves,
-                            teacher or exact, exact)
+                            teacher or exact, exact, floor=_floor(client, parent, metric, sets))
     failed = [f for f in (parent.data.tags.get("failed_members") or "").split(",") if f]
     for label in failed:
         run = next((r for r in kids if r.data.tags.get("study_member") == label), None)
@@ -306,8 +405,9 @@ def compare_experiment(uri: str, experiment_id: str, name: str, metric: str | No
     curves, own = [], {}
     for run in sorted(runs, key=lambda r: r.info.start_time):
         label = run.info.run_name or run.info.run_id
-        curves.append(_method_curve(client, run, metric, label))
-        own[label] = _solver_curves(client, run, "teacher", metric)
+        sets = int(run.data.tags.get("eval_sets") or 1)
+        curves.append(_method_curve(client, run, metric, label, sets))
+        own[label] = _solver_curves(client, run, "teacher", metric, sets)
     return Comparison(f"MLflow experiment {name}", metric, runs[0].data.tags.get("eval_samples", "?"), uri, None,
                       curves, {}, {}, own)
 

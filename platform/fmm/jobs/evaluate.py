@@ -1,7 +1,8 @@
 """`fmm evaluate`: quality against number of steps for a trained flow map and its teacher's ODE solvers,
 and the speed-up at equal quality, logged into the training run's MLflow run.
 
-The protocol (fmm.evaluation.protocol): one fixed noise set (seeded) serves every method. The flow
+The protocol (fmm.evaluation.protocol): `--sets` evaluation sets (seeded noise and references) serve
+every method, so that scores are paired by set and carry 95% intervals. The flow
 map is sampled with its EMA weights by its method's own sampler at each step count. The teacher is
 the exact velocity when the run's data is a toy target with ground truth, else the flow map's own
 diagonal v(t, t, x); it is integrated by Euler, Heun and RK4 (both with an Euler last step, so no
@@ -41,14 +42,32 @@ def parse_steps(text: str) -> list[int]:
     return sorted(set(values))
 
 
+def score_metrics(row: Row, prefix: str = "") -> dict[str, float]:
+    """A row's scores as MLflow metrics: `<metric>` the mean over seeds x sets; with more than one
+    score, `<metric>/low` and `<metric>/high` (its 95% interval, fmm.evaluation.intervals) and
+    `<metric>/n`; with one seed and several sets, each set's score as `<metric>/set<j>`."""
+    values = {}
+    for k in row.scores:
+        est, cells = row.estimate(k), row.cells(k)
+        values[f"{prefix}{k}"] = est.mean
+        if est.n > 1:
+            values[f"{prefix}{k}/n"] = est.n
+        if est.has_interval:
+            values.update({f"{prefix}{k}/low": est.low, f"{prefix}{k}/high": est.high})
+        if len(cells) == 1 and len(cells[0]) > 1:
+            values.update({f"{prefix}{k}/set{j}": v for j, v in enumerate(cells[0])})
+    return values
+
+
 def log_rows(logger, rows: list[Row], solver_prefix: str = "teacher") -> None:
-    """Each row's scores at step = NFE: the learned map's as `<metric>` (and `<metric>_stepsNNN`, `nfe`),
-    an ODE solver's as `<solver_prefix>/<solver>/<metric>`, each with its seconds per sample."""
+    """Each row's scores at step = NFE (score_metrics): the learned map's as `<metric>` (and
+    `<metric>_stepsNNN`, `nfe`), an ODE solver's as `<solver_prefix>/<solver>/<metric>`, each with its
+    seconds per sample."""
     for row in rows:
         prefix = "" if row.method == "flow_map" else f"{solver_prefix}/{row.method}/"
         if row.method != "flow_map" and row.nfe == 0:
             continue
-        values = {f"{prefix}{k}": v for k, v in row.scores.items()}
+        values = score_metrics(row, prefix)
         values[f"{prefix}seconds_per_sample"] = row.seconds_per_sample
         if row.method == "flow_map":
             values["nfe"] = row.nfe
@@ -57,6 +76,14 @@ def log_rows(logger, rows: list[Row], solver_prefix: str = "teacher") -> None:
             if not math.isfinite(value):  # logged as it is (MLflow keeps NaN and infinity), and said
                 warnings.warn(f"{key} is {value} at NFE {row.nfe} ({row.method}); logged as such", stacklevel=2)
         logger.log_metrics(values, step=row.nfe)
+
+
+def log_floors(logger, report: Report) -> None:
+    """What exact samples score at the study's sample size (`floor/<metric>`, with its interval and each
+    set's value when there are several sets), at step 0."""
+    for name, value in report.floors.items():
+        per_set = report.floor_sets.get(name) or [value]
+        logger.log_metrics(score_metrics(Row("floor", 0, 0, 0.0, {name: value}, {name: [per_set]}), "floor/"), step=0)
 
 
 def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps: list[int] | None = None,
@@ -69,11 +96,12 @@ def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps
     summary = report.speedup.get("summary")
     if summary:
         logger.log_metrics({"speedup/nfe_ratio": summary["nfe_ratio"],
-                            "speedup/wallclock_ratio": summary["wallclock_ratio"]}, step=0)
+                            "speedup/wallclock_ratio": summary["wallclock_ratio"],
+                            "speedup/resolved": float(summary["resolved"])}, step=0)
     logger.set_tags({"eval_sampler": report.sampler, "eval_metric": report.primary, "eval_samples": report.samples,
+                     "eval_sets": report.sets,
                      **({"eval_note": report.note} if report.note else {})})
-    if report.floors:
-        logger.log_metrics({f"floor/{name}": value for name, value in report.floors.items()}, step=0)
+    log_floors(logger, report)
     logger.flush()
     fig = quality_figure(report)
     logger.log_figure(fig, f"evaluation/{report.primary}_vs_steps.png")
@@ -124,7 +152,7 @@ def own_teacher(model: FlowMap, exp: ExperimentConfig, protocol: Protocol,
 
 def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 0, metrics_wanted=None,
              teacher_max_nfe: int = 256, log_mlflow: bool = True, log=print, with_teacher: bool = True,
-             teacher_path: str | None = None) -> Report:
+             teacher_path: str | None = None, sets: int = 1) -> Report:
     """Score the run (or flow-map file) at `source` by the protocol, logging into its MLflow run if it has one."""
     model, exp, record = load_trained(source)
     model.eval()
@@ -133,7 +161,8 @@ def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 
     interpolant = build_interpolant(exp)
     if metrics_wanted is None and exp.data.target is not None:
         metrics_wanted = ["sw2", "energy", "mmd", "w2_exact", "rmse_vs_ode"]
-    protocol = build_protocol(exp, interpolant, tuple(model.sample_shape), samples, seed, metrics_wanted, log)
+    protocol = build_protocol(exp, interpolant, tuple(model.sample_shape), samples, seed, metrics_wanted, log,
+                              sets=sets)
     teacher, note = own_teacher(model, exp, protocol, teacher_path) if with_teacher else (None, "")
     report, sampler = evaluate_map(model, exp, interpolant, protocol, steps, seed=seed, teacher=teacher,
                                    teacher_max_nfe=teacher_max_nfe, log=log)

@@ -10,28 +10,33 @@ Optuna) one after another, their best trial standing for the method. Distillatio
 study's teacher unless they name their own. Evaluation comes last, when nothing trains, so that
 the wall-clock per sample of every member is measured on a quiet machine.
 
-Evaluation is `fmm evaluate`'s protocol, shared: one seeded noise set and one reference set for
-every member; each method is sampled by its authors' sampler at each step count and scored into
-its own MLflow run (metric at step = NFE); the teacher's velocity is integrated by the fixed-step
-solvers and dopri5 on the same noise (`teacher/<solver>/<metric>`, in the teacher's run), and for a
-toy target the exact velocity too (`exact/<solver>/<metric>`, in the study's run).
+Evaluation is `fmm evaluate`'s protocol, shared: `evaluation.sets` seeded evaluation sets (noise and
+reference) for every member, so that all scores are paired by set; each method is sampled by its
+authors' sampler at each step count and scored into its own MLflow run (metric at step = NFE: the
+mean, with `<metric>/low`, `<metric>/high` its 95% interval and `<metric>/set<j>` each set's score);
+the teacher's velocity is integrated by the fixed-step solvers and dopri5 on the same noise
+(`teacher/<solver>/<metric>`, in the teacher's run), and for a toy target the exact velocity too
+(`exact/<solver>/<metric>`, in the study's run, with `floor/<metric>`: what exact samples score).
 
 MLflow: one parent run per study (tag kind=study) with each member's run nested under it (tags
-study, study_member, study_role = teacher | method). `fmm study --resume` reuses the parent run,
-skips members that finished (and scores that were logged), and continues the others from their
-checkpoints in their own MLflow runs.
+study, study_member, study_role = teacher | method). With `seeds`, a method's run holds the mean and
+interval over its seeds x sets, and each seed trains in its own run nested under it (study_role =
+seed, study_seed). `fmm study --resume` reuses the parent run, skips runs that finished (and scores
+that were logged), and continues the others from their checkpoints in their own MLflow runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
 
 from fmm.checkpoint import load_flow_map
 from fmm.evaluation import fid
-from fmm.evaluation.protocol import Protocol, Report, build_protocol, evaluate_map, run_protocol
+from fmm.evaluation.protocol import (Protocol, Report, Row, build_protocol, check_disjoint, evaluate_map, merge_seeds,
+                                     run_sets)
+from fmm.experiment.data import read_manifest
 from fmm.experiment.builders import build_interpolant
 from fmm.experiment.checks import check_environment
 from fmm.experiment.schema import ExperimentConfig
@@ -42,9 +47,9 @@ from fmm.infra import storage, tracking
 from fmm.infra.records import RUN_RECORD, STUDY_RECORD, SWEEP_RECORD, claim, open_record, read_record
 from fmm.infra.tracking import RunLogger
 from fmm.jobs.cluster import check_resources, connect, node_types
-from fmm.jobs.evaluate import log_report, log_rows
+from fmm.jobs.evaluate import log_floors, log_report, log_rows
 from fmm.jobs.sweep import best_rows, results_table, run_sweep
-from fmm.jobs.train import run_training
+from fmm.jobs.train import run_params, run_training
 
 
 @dataclass
@@ -66,7 +71,15 @@ def check_study_environment(plan: StudyPlan) -> None:
         except ValueError as err:
             raise ValueError(f"study {plan.study.name}: {member.role if member.role == 'teacher' else 'method'}"
                              f"{'' if member.role == 'teacher' else ' ' + repr(member.label)}: {err}") from None
-    metrics = plan.study.evaluation.metrics
+    spec = plan.study.evaluation
+    for member in plan.methods[:1]:
+        if member.exp.data.path is not None:
+            try:
+                check_disjoint(int(read_manifest(member.exp.data.path)["rows"]), spec.samples, spec.sets,
+                               member.exp.data.path)
+            except ValueError as err:
+                raise ValueError(f"study {plan.study.name}: {err}") from None
+    metrics = spec.metrics
     if "fid" in (metrics or []) or (len(plan.shape) == 3 and not metrics):
         fid.resolve_weights()
 
@@ -75,7 +88,7 @@ def cluster_width(plan: StudyPlan) -> int:
     """How many methods train at once so that none waits on another's workers; a member that no node can
     hold is refused. Starts or joins Ray."""
     resources, types = ray.cluster_resources(), node_types()
-    limit = plan.study.max_concurrent or len(plan.methods)
+    limit = plan.study.max_concurrent or sum(len(m.seeds or [None]) for m in plan.methods)
     width = min(check_resources(m.exp, resources, limit, types) for m in plan.methods)
     if plan.teacher is not None:
         check_resources(plan.teacher.exp, resources, 1, types)
@@ -90,9 +103,9 @@ def train_member(exp_dump: dict[str, Any], parent_run_id: str, tags: dict[str, s
     return result.mlflow_run_id
 
 
-def member_status(member: Member, uri: str) -> tuple[str, str | None]:
-    """('new', None), ('finished', run id) or ('interrupted', run id): where a member's run stands."""
-    run_dir = storage.join(member.exp.storage.path, member.exp.name)
+def member_status(exp: ExperimentConfig, uri: str) -> tuple[str, str | None]:
+    """('new', None), ('finished', run id) or ('interrupted', run id): where a training run stands."""
+    run_dir = storage.join(exp.storage.path, exp.name)
     if not storage.exists(storage.join(run_dir, RUN_RECORD)):
         return "new", None
     run_id = read_record(run_dir).mlflow_run_id
@@ -113,14 +126,13 @@ class Evaluation:
         if key not in self.protocols:
             spec = self.spec
             self.protocols[key] = build_protocol(exp, build_interpolant(exp), self.shape, spec.samples, spec.seed,
-                                                 spec.metrics, self.log)
+                                                 spec.metrics, self.log, sets=spec.sets)
         return self.protocols[key]
 
     def solvers(self, velocity: VelocityField, exp: ExperimentConfig) -> Report:
-        """The ODE solvers of `fmm evaluate` on `velocity`, from the protocol's noise."""
-        protocol = self.protocol(exp)
-        return run_protocol(None, velocity, protocol.noise, [], protocol.scorer, self.spec.teacher_max_nfe,
-                            log=lambda *_: None, progress=False, kl_noise=protocol.kl_noise, floors=protocol.floors)
+        """The ODE solvers of `fmm evaluate` on `velocity`, on every evaluation set."""
+        return run_sets(None, velocity, self.protocol(exp), [], self.spec.teacher_max_nfe, log=lambda *_: None,
+                        progress=False)
 
     def method(self, label: str, run_id: str) -> Report:
         """The method's final EMA map, sampled by its authors' sampler at each step count."""
@@ -131,9 +143,23 @@ class Evaluation:
                                        seed=self.spec.seed, log=lambda *_: None, progress=False)
         log_report(report, self.uri, run_id, model=model, steps=self.spec.steps, sampler=sampler,
                    sigma0=interpolant.sigma0)
-        scores = ", ".join(f"{r.steps}: {r.scores[report.primary]:.4g}" for r in report.rows)
+        scores = ", ".join(f"{r.steps}: {r.estimate(report.primary).text()}" for r in report.rows)
         self.log(f"[fmm] evaluated {label} ({report.sampler} sampler), {report.primary} by steps: {scores}")
         return report
+
+    def seeds(self, label: str, member_run: str, seed_reports: list[dict]) -> None:
+        """A method trained at several seeds: the mean and interval over its seeds x sets, into its run."""
+        rows = merge_seeds([[Row(**row) for row in report["rows"]] for report in seed_reports])
+        logger = RunLogger(self.uri, member_run)
+        log_rows(logger, rows)
+        first = seed_reports[0]
+        logger.set_tags({"eval_sampler": first["sampler"], "eval_metric": first["primary"],
+                         "eval_samples": first["samples"], "eval_sets": self.spec.sets,
+                         "eval_seeds": len(seed_reports)})
+        logger.flush()
+        scores = ", ".join(f"{r.steps}: {r.estimate(first['primary']).text()}" for r in rows)
+        self.log(f"[fmm] {label} over {len(seed_reports)} seeds x {self.spec.sets} set(s), {first['primary']} by "
+                 f"steps: {scores}")
 
 
 def run_study(study: StudyConfig, *, resume: bool = False, address: str | None = None, log=print) -> StudyResult:
@@ -161,43 +187,77 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
                                "methods": ",".join(study.methods)})
     uri, parent = record.tracking_uri, record.mlflow_run_id
     members: dict[str, str] = record.state.setdefault("members", {})  # label -> MLflow run id, once trained
+    member_runs: dict[str, str] = record.state.setdefault("member_runs", {})  # label -> run holding its seeds
+    seed_runs: dict[str, dict[str, str]] = record.state.setdefault("seed_runs", {})  # label -> seed -> run id
+    seed_scores: dict[str, dict[str, dict]] = record.state.setdefault("seed_scores", {})  # label -> seed -> rows
     evaluated: list[str] = record.state.setdefault("evaluated", [])   # scored: labels, "teacher", "exact"
     record.save()
+    seeds = f", seeds {study.seeds}" if study.seeds and len(study.seeds) > 1 else ""
     log(f"[fmm] study {study.name}: teacher "
         f"{'trained first' if plan.teacher else (study.teacher.checkpoint or 'exact ' + str(study.teacher.exact))}, "
-        f"{len(plan.methods)} methods; storage {study_dir}; MLflow parent run {parent} at {uri}")
+        f"{len(plan.methods)} methods{seeds}, {study.evaluation.sets} evaluation set(s); storage {study_dir}; "
+        f"MLflow parent run {parent} at {uri}")
     failures: dict[str, str] = {}
 
+    def member_run(member: Member) -> str:
+        """The run a method's seed runs nest under (created once, kept across --resume)."""
+        if member.label not in member_runs:
+            experiment_id = tracking.ensure_experiment(uri, study.tracking.experiment)
+            member_runs[member.label] = tracking.start_run(
+                uri, experiment_id, member.exp.name, run_params(member.exp),
+                {"study": study.name, "study_member": member.label, "study_role": member.role, "kind": "member",
+                 "study_seeds": ",".join(map(str, member.seeds))}, parent)
+            record.save()
+        return member_runs[member.label]
+
     def train_all(batch: list[Member], width: int) -> None:
-        """Each member as a Ray task, `width` at a time; finished members are skipped, interrupted ones continue."""
+        """Each training run (a member, or one seed of it) as a Ray task, `width` at a time; finished runs
+        are skipped, interrupted ones continue."""
         queue = []
         for member in batch:
-            state, run_id = member_status(member, uri)
-            if state == "finished":
-                members[member.label] = run_id
-                log(f"[fmm] {member.label}: finished earlier (MLflow run {run_id})")
-            else:
-                queue.append((member, state == "interrupted"))
-        running: dict[Any, Member] = {}
+            runs = member.seed_runs() if member.seeds else [(None, member.exp)]
+            container = member_run(member) if member.seeds else parent
+            for seed, exp in runs:
+                state, run_id = member_status(exp, uri)
+                if state == "finished":
+                    log(f"[fmm] {exp.name}: finished earlier (MLflow run {run_id})")
+                    finished(member, seed, run_id)
+                else:
+                    queue.append((member, seed, exp, container, state == "interrupted"))
+        running: dict[Any, tuple[Member, int | None]] = {}
         if queue:
             width = min(width, concurrency())
-            log(f"[fmm] training {len(queue)} member(s), {width} at a time")
+            log(f"[fmm] training {len(queue)} run(s), {width} at a time")
             task = ray.remote(num_cpus=0, max_retries=0)(train_member)
         while queue or running:
             while queue and len(running) < width:
-                member, again = queue.pop(0)
+                member, seed, exp, container, again = queue.pop(0)
                 tags = {"study": study.name, "study_member": member.label, "study_role": member.role}
-                log(f"[fmm] {'continuing' if again else 'training'} {member.label} ({member.exp.objective['name']})")
-                running[task.remote(member.exp.model_dump(), parent, tags, again)] = member
+                if seed is not None:
+                    tags.update(study_role="seed", study_seed=str(seed))
+                log(f"[fmm] {'continuing' if again else 'training'} {exp.name} ({exp.objective['name']})")
+                running[task.remote(exp.model_dump(), container, tags, again)] = (member, seed)
             done, _ = ray.wait(list(running), num_returns=1)
-            member = running.pop(done[0])
+            member, seed = running.pop(done[0])
             try:
-                members[member.label] = ray.get(done[0])
-                record.save()
-                log(f"[fmm] {member.label}: trained (MLflow run {members[member.label]})")
-            except Exception as err:  # the member's run is FAILED with its reason; the study goes on
+                finished(member, seed, ray.get(done[0]))
+                log(f"[fmm] {member.label}{'' if seed is None else f' seed {seed}'}: trained")
+            except Exception as err:  # the run is FAILED with its reason; the study goes on
                 failures[member.label] = str(err).strip().splitlines()[-1][:500]
-                log(f"[fmm] {member.label}: failed: {failures[member.label]}")
+                log(f"[fmm] {member.label}{'' if seed is None else f' seed {seed}'}: failed: {failures[member.label]}")
+                if seed is not None:
+                    tracking.end_run(uri, member_run(member), "FAILED")
+
+    def finished(member: Member, seed: int | None, run_id: str) -> None:
+        if seed is None:
+            members[member.label] = run_id
+        else:
+            runs = seed_runs.setdefault(member.label, {})
+            runs[str(seed)] = run_id
+            if len(runs) == len(member.seeds):
+                members[member.label] = member_run(member)
+                tracking.end_run(uri, members[member.label], "FINISHED")
+        record.save()
 
     status = "FAILED"
     try:
@@ -206,7 +266,7 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
             if "teacher" not in members:
                 raise ValueError(f"study {study.name}: the teacher failed ({failures['teacher']}); nothing to distil.")
             plan.give_teacher(members["teacher"])
-        train_all([m for m in plan.methods if m.sweep is None], len(plan.methods))
+        train_all([m for m in plan.methods if m.sweep is None], sum(len(m.seeds or [None]) for m in plan.methods))
         for member in (m for m in plan.methods if m.sweep is not None and m.label not in members):
             concurrency()
             sweep = member_sweep(study, member.label, member.sweep, uri)
@@ -251,15 +311,28 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
             report = evaluation.solvers(exact, first)
             logger = RunLogger(uri, parent)
             log_rows(logger, report.rows, "exact")
+            log_floors(logger, report)
             logger.flush()
             done("exact")
             log(f"[fmm] evaluated the exact velocity's ODE solvers ({len(report.rows)} runs)")
         for member in plan.methods:
-            if member.label in members and member.label not in evaluated:
+            if member.label not in members or member.label in evaluated:
+                continue
+            if member.label not in seed_runs:
                 evaluation.method(member.label, members[member.label])
-                done(member.label)
+            else:
+                scores = seed_scores.setdefault(member.label, {})
+                for seed in member.seeds:
+                    if str(seed) not in scores:
+                        report = evaluation.method(f"{member.label} seed {seed}", seed_runs[member.label][str(seed)])
+                        scores[str(seed)] = {"primary": report.primary, "samples": report.samples,
+                                             "sampler": report.sampler, "rows": [asdict(r) for r in report.rows]}
+                        record.save()
+                evaluation.seeds(member.label, members[member.label], [scores[str(s)] for s in member.seeds])
+            done(member.label)
         primary = evaluation.protocol(first).scorer.primary
         tracking.set_tags(uri, parent, {"eval_metric": primary, "eval_samples": str(study.evaluation.samples),
+                                        "eval_sets": str(study.evaluation.sets),
                                         "failed_members": ",".join(sorted(failures))})
         status = "FINISHED"
     finally:

@@ -26,7 +26,7 @@ import torch
 
 from fmm.distributed import broadcast_parameters, check_replicas_agree
 from fmm.evaluation.figures import sample_figure
-from fmm.evaluation.protocol import Scorer, reference_set
+from fmm.evaluation.protocol import Scorer, reference_sets
 from fmm.experiment.builders import (build_interpolant, build_model, build_objective, build_optimiser, build_teacher,
                                      eval_metric, initial_map)
 from fmm.experiment.data import DataSource
@@ -269,21 +269,24 @@ class PeriodicEvaluation:
 
     def __init__(self, exp: ExperimentConfig, interpolant, shape: tuple[int, ...], device):
         self.sampler, _ = sampler_for(exp.objective, interpolant, seed=exp.train.seed + 8)
-        n = exp.train.eval_samples
+        n, sets = exp.train.eval_samples, exp.train.eval_sets
         g = torch.Generator().manual_seed(exp.train.seed + 7)
-        self.noise = (interpolant.sigma0 * torch.randn((n, *shape), generator=g)).to(device)
+        self.noise = [(interpolant.sigma0 * torch.randn((n, *shape), generator=g)).to(device)]
         self.steps = exp.train.eval_steps
         metric = eval_metric(exp)
-        reference, labelled = reference_set(exp, shape, n, g, labelled=metric == "fd_classifier")
-        self.scorer = Scorer(shape, reference, wanted=[metric], labelled=labelled)
+        references, labelled = reference_sets(exp, shape, n, sets, lambda j: g, labelled=metric == "fd_classifier")
+        self.noise += [(interpolant.sigma0 * torch.randn((n, *shape), generator=g)).to(device) for _ in range(sets - 1)]
+        self.scorers = [Scorer(shape, reference, wanted=[metric], labelled=labelled) for reference in references]
         self.curve: dict[int, dict[str, float]] = {}
 
     def __call__(self, ema) -> dict[str, float]:
+        """`eval/<metric>_stepsNNN`: the mean over `train.eval_sets` evaluation sets (what a sweep optimises)."""
         out = {}
         self.curve = {}
         with torch.no_grad():
             for k in self.steps:
-                scores = self.scorer(self.sampler(ema, self.noise, k).samples)
+                per_set = [scorer(self.sampler(ema, noise, k).samples) for noise, scorer in zip(self.noise, self.scorers)]
+                scores = {name: sum(s[name] for s in per_set) / len(per_set) for name in per_set[0]}
                 self.curve[k] = scores
                 out.update({f"eval/{name}_steps{k:03d}": value for name, value in scores.items()})
         return out
