@@ -12,6 +12,8 @@ from fmm.groundtruth import ExactVelocity, make_target, reference_flow_map
 from fmm.interpolants import Interpolant
 from fmm.sampling import solve_ode
 
+LINEAR = Interpolant("linear")
+
 F64 = torch.float64
 
 
@@ -75,16 +77,55 @@ def test_evaluating_a_trained_run_logs_the_curve_figure_and_table(ray_cluster, t
     raw.update(name="evaluated", storage={"path": str(tmp_path / "runs")},
                tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tests"})
     result = run_training(load_experiment(raw=raw), log=lambda *_: None)
-    report = evaluate(result.run_dir, [1, 2, 4, 8], samples=400, teacher_max_nfe=8, log=lambda *_: None)
+    report = evaluate(result.run_dir, [1, 2, 4, 8], samples=400, teacher_max_nfe=8, log=lambda *_: None, sets=3)
     assert {r.steps for r in report.rows if r.method == "flow_map"} == {1, 2, 4, 8}
     client = MlflowClient(result.tracking_uri)
     history = client.get_metric_history(result.mlflow_run_id, "sw2")
     assert sorted(m.step for m in history) == [1, 2, 4, 8]
+    # Three evaluation sets: the mean at step = NFE, its interval and each set's score beside it.
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.tags["eval_sets"] == "3"
+    row = next(r for r in report.rows if r.method == "flow_map" and r.steps == 1)
+    logged = {k: client.get_metric_history(result.mlflow_run_id, k)[0].value
+              for k in ("sw2", "sw2/low", "sw2/high", "sw2/set0", "sw2/set1", "sw2/set2")}
+    assert logged["sw2"] == pytest.approx(sum(row.sets["sw2"][0]) / 3) and logged["sw2/set2"] == row.sets["sw2"][0][2]
+    assert logged["sw2/low"] < logged["sw2"] < logged["sw2/high"]
+    assert "teacher/rk4-le/sw2/set2" in run.data.metrics and "floor/sw2/set1" in run.data.metrics
     assert len(client.get_metric_history(result.mlflow_run_id, "teacher/rk4-le/sw2")) >= 1
     assert "seconds_per_sample" in client.get_run(result.mlflow_run_id).data.metrics
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "evaluation")}
     assert artifacts == {"evaluation/evaluation.csv", "evaluation/evaluation.json", "evaluation/sw2_vs_steps.png",
                          "evaluation/samples.png"}
+
+
+def test_evaluation_sets_are_independent_draws_and_set_zero_is_the_one_set_protocol(tmp_path):
+    """Toy target: each set its own noise, exact reference and floor; set 0 is what sets: 1 builds. Dataset:
+    disjoint reference subsets, and more than the data holds is refused naming evaluation.sets."""
+    from fmm.evaluation.protocol import build_protocol
+    from fmm.experiment.data import prepare
+    from fmm.experiment.schema import load_experiment
+
+    from support.experiments import TRAIN_BASE
+
+    exp = load_experiment(raw=copy.deepcopy(TRAIN_BASE))
+    one = build_protocol(exp, LINEAR, (2,), 300, metrics_wanted=["sw2"], log=lambda *_: None)
+    three = build_protocol(exp, LINEAR, (2,), 300, metrics_wanted=["sw2"], log=lambda *_: None, sets=3)
+    assert torch.equal(one.noise, three.sets[0].noise) and torch.equal(one.scorer.reference, three.sets[0].scorer.reference)
+    assert one.floors == three.sets[0].floors and 0 < one.floors["sw2"] < 0.5
+    for a, b in ((0, 1), (1, 2), (0, 2)):
+        assert not torch.equal(three.sets[a].noise, three.sets[b].noise)
+        assert not torch.equal(three.sets[a].scorer.reference, three.sets[b].scorer.reference)
+    prepare("digits", str(tmp_path / "digits"), shards=1)
+    images = load_experiment(raw={**copy.deepcopy(TRAIN_BASE), "data": {"path": str(tmp_path / "digits")},
+                                  "objective": {"name": "lsd"}, "teacher": None,
+                                  "network": {"name": "unet", "in_channels": 1, "image_size": 8, "channels": 16,
+                                              "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}})
+    protocol = build_protocol(images, LINEAR, (1, 8, 8), 500, metrics_wanted=["fd_classifier"], sets=3)
+    flat = [ev.scorer.reference.reshape(500, -1) for ev in protocol.sets]
+    for a, b in ((0, 1), (1, 2), (0, 2)):  # digits has no two identical images, so equal rows mean shared images
+        assert not (torch.cdist(flat[a], flat[b]) == 0).any()
+    with pytest.raises(ValueError, match=r"evaluation.sets: 4 disjoint reference subsets .* allowed are sets <= 3"):
+        build_protocol(images, LINEAR, (1, 8, 8), 500, metrics_wanted=["fd_classifier"], sets=4)
 
 
 def test_image_scorer_uses_the_classifier_distance_and_refuses_vector_metrics(tmp_path):

@@ -93,3 +93,27 @@ def test_the_loop_is_a_function_of_its_config(tmp_path):
     weights = [torch.load(os.path.join(tmp_path / x, "runs", "toy", "step_00000040", "state.pt"),
                           weights_only=False)["model"] for x in ("a", "b")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_periodic_evaluation_over_several_sets_is_their_mean_and_set_zero_is_the_one_set_evaluation(tmp_path):
+    """train.eval_sets: M: the metric a sweep optimises is the mean over M evaluation sets; the first set
+    is the one-set evaluation's noise and reference, so eval_sets: 1 scores what it always did."""
+    from fmm.experiment.builders import build_interpolant, build_model
+    from fmm.worker.loop import PeriodicEvaluation
+
+    one = experiment(tmp_path, train__eval_samples=300, train__eval_steps=[1, 2])
+    three = experiment(tmp_path, train__eval_samples=300, train__eval_steps=[1, 2], train__eval_sets=3)
+    torch.manual_seed(0)
+    model = build_model(one)
+    single = PeriodicEvaluation(one, build_interpolant(one), (2,), "cpu")
+    several = PeriodicEvaluation(three, build_interpolant(three), (2,), "cpu")
+    assert torch.equal(single.noise[0], several.noise[0])
+    assert torch.equal(single.scorers[0].reference, several.scorers[0].reference)
+    assert len(several.noise) == 3 and not torch.equal(several.noise[1], several.noise[2])
+    per_set = [PeriodicEvaluation(one, build_interpolant(one), (2,), "cpu") for _ in range(3)]
+    for j, ev in enumerate(per_set):
+        ev.noise, ev.scorers = [several.noise[j]], [several.scorers[j]]
+    mean = several(model)
+    for key, value in mean.items():
+        assert value == pytest.approx(sum(ev(model)[key] for ev in per_set) / 3, rel=1e-12)
+    assert single(model)["eval/sw2_steps001"] == per_set[0](model)["eval/sw2_steps001"]

@@ -151,7 +151,7 @@ def test_compare_names_a_missing_experiment_and_what_exists(tmp_path, monkeypatc
     assert "no study or MLflow experiment named 'nowhere'" in err and "other" in err
 
 
-@pytest.mark.parametrize("name", ["toy_flower", "digits", "cifar10", "imagenet32"])
+@pytest.mark.parametrize("name", ["toy_flower", "toy_flower_seeds", "toy_flower_init", "digits", "cifar10", "imagenet32"])
 def test_the_shipped_studies_are_valid(tmp_path, name):
     path = os.path.join(ROOT, "experiments", "studies", f"{name}.yaml")
     study = load_study(path)
@@ -195,6 +195,29 @@ def test_a_member_that_distils_nothing_can_start_from_the_study_teacher(tmp_path
                    f"sqlite:///{tmp_path}/mlflow.db")
 
 
+def test_seeds_give_each_method_one_run_per_seed_and_a_swept_method_can_be_reseeded(tmp_path):
+    """seeds: [0, 1, 2]: each non-swept method's seed runs are its experiment at train.seed = s, named
+    <study>-<label>-seed<s>; the teacher trains once; a swept method is one run (its best trial) unless
+    its sweep says reseed, which trains the best trial's configuration at each seed."""
+    sweep = {"space": {"optim.lr": {"float": [1e-3, 5e-3]}}, "metric": "eval/sw2_steps001", "reseed": True}
+    methods = {"lmd": {"objective": {"name": "lmd"}},
+               "lsd": {"objective": {"name": "lsd"}, "train": {"eval_every": 50}, "sweep": sweep}}
+    plan = plan_study(load_study(write_study(str(tmp_path), methods=methods, seeds=[0, 1, 2])),
+                      f"sqlite:///{tmp_path}/mlflow.db")
+    lmd, lsd = plan.methods
+    assert plan.teacher.exp.train.seed == 0 and lsd.seeds is None
+    runs = lmd.seed_runs()
+    assert [(s, e.name, e.train.seed) for s, e in runs] == [(s, f"tiny-lmd-seed{s}", s) for s in (0, 1, 2)]
+    assert lmd.exp.name == "tiny-lmd" and runs[1][1].objective == lmd.exp.objective
+    lsd.reseed({"optim.lr": 0.0042}, [0, 1, 2])
+    assert [(e.name, e.train.seed, e.optim.lr) for _, e in lsd.seed_runs()] == [
+        (f"tiny-lsd-seed{s}", s, 0.0042) for s in (0, 1, 2)]
+    one = plan_study(load_study(write_study(str(tmp_path), seeds=[7])), f"sqlite:///{tmp_path}/mlflow.db")
+    assert all(m.seeds is None and m.exp.train.seed == 7 for m in one.methods)
+    with pytest.raises(ValueError, match="sweep.reseed trains the best trial again at each of the study's seeds"):
+        plan_study(load_study(write_study(str(tmp_path), methods=methods)), f"sqlite:///{tmp_path}/mlflow.db")
+
+
 # -- a tiny study end to end ------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -232,15 +255,17 @@ def rest(url: str, path: str, **query) -> dict:
 @pytest.mark.slow
 def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_compare_prints_it(tmp_path,
                                                                                                mlflow_server):
-    """`fmm study` end to end: a trained teacher, two distilled members at two seeds each, a
-    self-distillation member swept (its best trial stands for it), three evaluation sets; the study's
-    table, `fmm compare`'s table read back from the MLflow server, the same means and 95% intervals over
-    REST, and a resume that retrains and rescores nothing."""
-    methods = dict(TINY["methods"])
-    methods["lsd"] = {"objective": {"name": "lsd"}, "train": {"eval_every": 75, "eval_samples": 200},
-                      "sweep": {"space": {"optim.lr": {"float": [1e-3, 5e-3], "log": True}},
-                                "metric": "eval/sw2_steps001", "search": {"num_samples": 2, "max_concurrent_trials": 2},
-                                "scheduler": {"kind": "fifo"}}}
+    """`fmm study` end to end at two seeds and three evaluation sets: a trained teacher, a distilled
+    member (one run per seed, nested under its run), a self-distillation member swept whose best
+    trial is trained again at each seed (`reseed`); the study's table, `fmm compare`'s table read back
+    from the MLflow server, the same means and 95% intervals over REST, the CSV's bounds, and a resume
+    that retrains and rescores nothing."""
+    methods = {"cd": {"objective": {"name": "cd"}},
+               "lsd": {"objective": {"name": "lsd"}, "train": {"eval_every": 75, "eval_samples": 200},
+                       "sweep": {"space": {"optim.lr": {"float": [1e-3, 5e-3], "log": True}},
+                                 "metric": "eval/sw2_steps001", "reseed": True,
+                                 "search": {"num_samples": 2, "max_concurrent_trials": 2},
+                                 "scheduler": {"kind": "fifo"}}}}
     write_study(str(tmp_path), name="served", methods=methods, storage={"path": str(tmp_path / "studies")},
                 tracking={"uri": mlflow_server, "experiment": "served"}, seeds=[0, 1],
                 evaluation={**TINY["evaluation"], "sets": 3})
@@ -248,10 +273,11 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     compared = run_cli("compare", "served", "--tracking-uri", mlflow_server, cwd=tmp_path)
     assert compared.returncode == 0, compared.stderr[-3000:]
-    printed = table_cells(compared.stdout, ["lmd", "lsd", "cd"])
-    assert printed == table_cells(out.stdout, ["lmd", "lsd", "cd"])  # the study's own table is the same
+    printed = table_cells(compared.stdout, ["lsd", "cd"])
+    assert printed == table_cells(out.stdout, ["lsd", "cd"])  # the study's own table is the same
     assert re.search(r"teacher ODE\s+best solver", compared.stdout) and re.search(r"exact ODE\s+best solver",
                                                                                     compared.stdout)
+    assert "floor: exact samples score sw2" in compared.stdout
 
     client = MlflowClient(mlflow_server)
     experiment_id = client.get_experiment_by_name("served").experiment_id
@@ -261,22 +287,25 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
     sweeps = client.search_runs([experiment_id], "tags.kind = 'sweep'")
     assert len(sweeps) == 1 and sweeps[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
     runs = members(client, parent.info.run_id)
-    assert runs["cd"].data.tags["eval_sampler"] == "consistency"
-    assert "exact/heun-le/sw2" in parent.data.metrics  # the exact velocity's solvers, on the same noise
+    assert set(runs) == {"teacher", "cd", "lsd"} and runs["cd"].data.tags["eval_sampler"] == "consistency"
+    assert "exact/heun-le/sw2" in parent.data.metrics and "floor/sw2/set2" in parent.data.metrics
+    best = sweeps[0].data.tags["best_mlflow_run_id"]
+    for label in ("cd", "lsd"):  # one run per seed, nested under the method's run, trained at that seed
+        seeds = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{runs[label].info.run_id}'")
+        assert sorted((r.data.tags["study_seed"], r.data.params["train.seed"]) for r in seeds) == [("0", "0"),
+                                                                                                ("1", "1")]
+        assert all(r.data.tags["study_role"] == "seed" and "sw2/set2" in r.data.metrics for r in seeds)
+    lsd_lr = {client.get_run(best).data.params["optim.lr"], runs["lsd"].data.params["optim.lr"]}
+    assert len(lsd_lr) == 1  # the reseeded runs train the best trial's configuration
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
     assert artifacts == {"comparison/comparison.csv", "comparison/comparison.md", "comparison/sw2_vs_steps.png"}
     local = client.download_artifacts(parent.info.run_id, "comparison/comparison.csv", str(tmp_path))
     with open(local) as f:
         lines = f.read().splitlines()
     assert lines[0] == "method,role,solver,nfe,mean,low,high,n,seconds_per_sample"
-    value, low, high = (client.get_metric_history(runs["lmd"].info.run_id, k)[0] for k in ("sw2", "sw2/low", "sw2/high"))
-    assert any(line.startswith(f"lmd,method,flow_map,{value.step},{value.value!r},{low.value!r},{high.value!r},6,")
+    value, low, high = (client.get_metric_history(runs["cd"].info.run_id, k)[0] for k in ("sw2", "sw2/low", "sw2/high"))
+    assert any(line.startswith(f"cd,method,consistency,{value.step},{value.value!r},{low.value!r},{high.value!r},6,")
                for line in lines)  # 2 seeds x 3 sets
-    # Each seed of a seeded member is its own run, nested under the member's run.
-    seeds = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{runs['lmd'].info.run_id}'")
-    assert sorted(r.data.tags["study_seed"] for r in seeds) == ["0", "1"]
-    assert {r.data.params["train.seed"] for r in seeds} == {"0", "1"}
-    assert all(r.data.tags["study_role"] == "seed" and "sw2/set2" in r.data.metrics for r in seeds)
 
     experiment = rest(mlflow_server, "experiments/get-by-name", experiment_name="served")["experiment"]
     found = urllib.request.Request(f"{mlflow_server}/api/2.0/mlflow/runs/search", method="POST",
@@ -288,18 +317,17 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
     by_member = {}
     for run in found_runs:
         tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
-        if "study_member" in tags:
+        if "study_member" in tags and tags["study_role"] != "seed":
             by_member[tags["study_member"]] = run["info"]["run_id"]
-    assert set(by_member) == {"teacher", "lmd", "lsd", "cd"}
-    assert by_member["lsd"] == sweeps[0].data.tags["best_mlflow_run_id"]
+    assert set(by_member) == {"teacher", "cd", "lsd"}
     teacher = rest(mlflow_server, "runs/get", run_id=by_member.pop("teacher"))["run"]
     assert {m["key"] for m in teacher["data"]["metrics"]} >= {"teacher/euler/sw2", "teacher/heun-le/sw2",
                                                                 "teacher/rk4-le/sw2"}  # its ODE solvers
-    for label, run_id in by_member.items():
+    for label, run_id in by_member.items():  # the printed mean and interval are what MLflow holds
         history = {k: sorted(rest(mlflow_server, "metrics/get-history", run_id=run_id, metric_key=k)["metrics"],
                              key=lambda m: int(m["step"])) for k in ("sw2", "sw2/low", "sw2/high", "sw2/n")}
         assert [int(m["step"]) for m in history["sw2"]] == [1, 2, 4]
-        assert [m["value"] for m in history["sw2/n"]] == [6 if label != "lsd" else 3] * 3
+        assert [m["value"] for m in history["sw2/n"]] == [6, 6, 6]
         shown = [f"{m['value']:.4g} ± {(h['value'] - lo['value']) / 2:.2g}"
                  for m, lo, h in zip(history["sw2"], history["sw2/low"], history["sw2/high"])]
         assert printed[label] == shown, label
@@ -307,17 +335,17 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
     # Resuming a finished study retrains nothing, scores nothing twice and gives the same table.
     again = run_cli("study", "study.yaml", "--resume", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "finished earlier" in again.stdout and "training served-lmd" not in again.stdout
+    assert "finished earlier" in again.stdout and "training served-" not in again.stdout
     assert len(members(client, parent.info.run_id)) == len(runs)
-    assert len(client.get_metric_history(runs["lmd"].info.run_id, "sw2")) == 3
-    assert table_cells(again.stdout, ["lmd", "lsd", "cd"]) == printed
+    assert len(client.get_metric_history(runs["cd"].info.run_id, "sw2")) == 3
+    assert table_cells(again.stdout, ["lsd", "cd"]) == printed
 
 
 @pytest.mark.slow
 def test_a_study_with_three_seeds_killed_midway_resumes_without_retraining_finished_seeds(tmp_path):
-    """seeds: [0, 1, 2], one run at a time: the study is killed (SIGKILL, with its Ray) once a seed has
-    finished; `--resume` keeps that seed's run, trains the others, and the member's cells are over
-    3 seeds x 2 sets."""
+    """seeds: [0, 1, 2], two runs at a time: the study is killed (SIGKILL, with its Ray) once a seed has
+    finished; `--resume` keeps the finished seeds' runs, trains the others, and the member's cells are
+    over 3 seeds x 2 sets, printed as MLflow holds them."""
     import signal
     import tempfile
 
@@ -326,7 +354,7 @@ def test_a_study_with_three_seeds_killed_midway_resumes_without_retraining_finis
     evaluation = {"steps": [1, 2], "samples": 300, "sets": 2, "metrics": ["sw2"], "teacher_max_nfe": 4}
     base = {**TINY["base"], "train": {**TINY["base"]["train"], "steps": 100, "checkpoint_every": 50}}
     write_study(str(tmp_path), name="seeded", base=base, teacher={"exact": "flower"}, seeds=[0, 1, 2],
-                methods={"lmd": {"objective": {"name": "lmd"}}}, evaluation=evaluation, max_concurrent=1)
+                methods={"lmd": {"objective": {"name": "lmd"}}}, evaluation=evaluation, max_concurrent=2)
     ray_temp = tempfile.mkdtemp(prefix="/tmp/fmms")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_temp)
     env.pop("RAY_ADDRESS", None)
@@ -359,4 +387,9 @@ def test_a_study_with_three_seeds_killed_midway_resumes_without_retraining_finis
     member = client.get_run(state["members"]["lmd"])
     assert member.info.status == "FINISHED" and member.data.tags["study_seeds"] == "0,1,2"
     assert [m.value for m in client.get_metric_history(member.info.run_id, "sw2/n")] == [6, 6]
-    assert table_cells(out.stdout, ["lmd"])["lmd"][0].count("±") == 1
+    held = {k: [m.value for m in sorted(client.get_metric_history(member.info.run_id, k), key=lambda m: m.step)]
+            for k in ("sw2", "sw2/low", "sw2/high")}
+    assert table_cells(out.stdout, ["lmd"])["lmd"] == [f"{m:.4g} ± {(h - lo) / 2:.2g}"
+                                                       for m, lo, h in zip(held["sw2"], held["sw2/low"], held["sw2/high"])]
+    seed_runs = client.search_runs([member.info.experiment_id], f"tags.mlflow.parentRunId = '{member.info.run_id}'")
+    assert sorted(r.data.tags["study_seed"] for r in seed_runs) == ["0", "1", "2"]

@@ -6,10 +6,13 @@ With --run it first runs the study (`fmm study`, about ten minutes on 2 cores); 
 latest run of that study from MLflow (`fmm compare`'s reader, nothing else). It prints, for the
 study's metrics (sliced W2 and energy distance):
 
-- the exact velocity's converged quality: the best score of its ODE solvers on the study's noise set;
-- the best flow-map method at 1 and at 2 steps, and whether it is within 10% of that;
+- the exact velocity's converged quality: the best score of its ODE solvers on the study's evaluation
+  sets (mean and 95% interval);
+- the best flow-map method at 1 and at 2 steps, and whether it is within 10% of that, decided on the
+  paired difference with its interval ("not resolved" when the interval straddles the bar);
 - for every method, its score at each step count and the score at the most steps over its best: above
-  1, quality degrades as steps are added (what Align Your Flow reports for consistency models).
+  1, quality degrades as steps are added (what Align Your Flow reports for consistency models); the
+  ratio is said to be resolved when the paired difference of the two step counts excludes 0.
 """
 
 from __future__ import annotations
@@ -32,27 +35,33 @@ def objective_of(comparison, label: str) -> str:
 
 
 def report(comparison) -> None:
+    from fmm.evaluation.intervals import difference
+
     exact = comparison.exact or comparison.teacher
-    best = min(v for c in exact.values() for v in c.scores.values())
-    threshold = 1.1 * best
-    print(f"\n{comparison.metric}: exact velocity's converged quality {best:.4g} (best ODE solver on the same "
-          f"noise); within 10% means <= {threshold:.4g}")
+    solver, nfe = min(((c, n) for c in exact.values() for n in c.cells), key=lambda cn: cn[0].estimate(cn[1]).mean)
+    best, best_cells = solver.estimate(nfe), solver.cells[nfe]
+    threshold = 1.1 * best.mean
+    print(f"\n{comparison.metric}: exact velocity's converged quality {best.text()} (best ODE solver on the same "
+          f"noise, {solver.label} at {nfe} NFE); within 10% means <= {threshold:.4g}")
     kinds = {c.label: objective_of(comparison, c.label) for c in comparison.methods}
     for steps in (1, 2):
-        scored = [(c.scores[steps], c.label) for c in comparison.methods if steps in c.scores
-                  and kinds[c.label] in FLOW_MAPS]
+        scored = [(c.scores[steps], c) for c in comparison.methods if steps in c.cells and kinds[c.label] in FLOW_MAPS]
         if scored:
-            value, label = min(scored)
-            verdict = "within 10%" if value <= threshold else f"{value / best:.2f}x the exact quality"
-            print(f"  best flow map at {steps} step(s): {label} {value:.4g} ({verdict})")
+            value, c = min(scored, key=lambda vc: vc[0])
+            below = difference(c.cells[steps], best_cells, 1.1).below(0.0)
+            verdict = {True: "within 10%", False: f"{value / best.mean:.2f}x the exact quality",
+                       None: "within 10% not resolved at this sample size"}[below]
+            print(f"  best flow map at {steps} step(s): {c.label} {c.estimate(steps).text()} ({verdict})")
     print("  by steps, and the score at the most steps over the best score (above 1: it degrades with steps):")
     for c in comparison.methods:
-        if len(c.scores) > 1:
-            last, best_steps = max(c.scores), min(c.scores, key=c.scores.get)
+        if len(c.cells) > 1:
+            last, best_steps = max(c.cells), min(c.scores, key=c.scores.get)
             family = "consistency" if kinds[c.label] in CONSISTENCY else "flow map"
-            curve = " ".join(f"{c.scores[k]:.4g}" for k in sorted(c.scores))
+            curve = " ".join(c.estimate(k).text() for k in sorted(c.cells))
+            resolved = "" if last == best_steps else (
+                "" if difference(c.cells[last], c.cells[best_steps]).below(0.0) is False else " (not resolved)")
             print(f"    {c.label:10s} {family:11s} {curve}   last / best (at {best_steps}): "
-                  f"{c.scores[last] / c.scores[best_steps]:.2f}")
+                  f"{c.scores[last] / c.scores[best_steps]:.2f}{resolved}")
 
 
 def main() -> None:

@@ -26,7 +26,8 @@ seeds has 10 distinct resamples and its variance is biased low by (S - 1) / S, a
 under-cover at n <= 10; the t interval is exact for normal scores in the one-factor cases (S = 1 or
 M = 1) and the standard approximation for crossed random effects. The scores (sliced W2 or FID over
 thousands of samples) are smooth functions of many terms and close to normal from set to set; the
-coverage is tested on exact samples scored against exact draws (tests/test_intervals.py).
+coverage is tested on exact samples scored against exact draws (tests/test_intervals.py). The
+derivation and the verdicts built on it: docs/science.md §9.6.
 
 A table of one cell (one seed, one set) has no interval: its bounds are NaN and a verdict falls back
 to the point value, which the tables mark (n = 1).

@@ -232,15 +232,18 @@ def first_within(rows: list[Row], primary: str, best: Row) -> dict | None:
 
 
 def first_hit(rows: list[Row], primary: str, best: Row) -> dict | None:
-    """The learned map: its first step count resolved within 10% of `best`; an unresolved step count
-    before it makes the answer unresolved (it could be the first). None if it never gets there."""
+    """The learned map: its first step count resolved within 10% of `best` (`nfe`, None if none is),
+    and `earliest`, its first step count not resolved outside (where the first hit could be). None if
+    every step count is resolved outside."""
     rows = sorted(rows, key=lambda r: r.nfe)
-    for row, verdict in zip(rows, within_verdicts(rows, best, primary)):
-        if verdict is False:
-            continue
-        return {"nfe": row.nfe, "earliest": row.nfe, "resolved": verdict is True,
-                "seconds_per_sample": row.seconds_per_sample, primary: row.scores[primary]}
-    return None
+    verdicts = within_verdicts(rows, best, primary)
+    earliest = next((r for r, v in zip(rows, verdicts) if v is not False), None)
+    hit = next((r for r, v in zip(rows, verdicts) if v is True), None)
+    if earliest is None:
+        return None
+    shown = hit or earliest
+    return {"nfe": hit.nfe if hit else None, "earliest": earliest.nfe, "resolved": hit is earliest,
+            "seconds_per_sample": shown.seconds_per_sample, primary: shown.scores[primary]}
 
 
 def speedup(rows: list[Row], primary: str) -> dict[str, dict]:
@@ -265,13 +268,18 @@ def speedup(rows: list[Row], primary: str) -> dict[str, dict]:
     flow = out.get("flow_map")
     if hits and flow is not None:
         cheapest = min(hits, key=lambda m: hits[m]["nfe"])
-        resolved = (flow["resolved"] and hits[cheapest]["resolved"]
-                    and all(v["earliest"] >= hits[cheapest]["nfe"] for m, v in fixed.items() if m != cheapest))
+        teacher_nfe, teacher_low = hits[cheapest]["nfe"], min(v["earliest"] for v in fixed.values())
+        flow_nfe = flow["nfe"] or flow["earliest"]
+        # The ratio's range over what the unresolved rows could be: the teacher's first hit lies in
+        # [teacher_low, teacher_nfe], the map's in [earliest, nfe] (no upper end if no step count is resolved).
+        low = teacher_low / flow["nfe"] if flow["nfe"] else 0.0
         out["summary"] = {"teacher_best": best, "threshold": threshold, "teacher_solver": cheapest,
-                          "teacher_nfe": hits[cheapest]["nfe"], "flow_map_nfe": flow["nfe"],
-                          "nfe_ratio": hits[cheapest]["nfe"] / flow["nfe"],
+                          "teacher_nfe": teacher_nfe, "flow_map_nfe": flow_nfe,
+                          "nfe_ratio": teacher_nfe / flow_nfe, "nfe_ratio_low": low,
+                          "nfe_ratio_high": teacher_nfe / flow["earliest"],
                           "wallclock_ratio": hits[cheapest]["seconds_per_sample"] / flow["seconds_per_sample"],
-                          "resolved": resolved, "sets": max(len(r.cells(primary)[0]) for r in rows)}
+                          "resolved": flow["resolved"] and teacher_low == teacher_nfe,
+                          "sets": max(len(r.cells(primary)[0]) for r in rows)}
     return out
 
 
@@ -462,7 +470,8 @@ def format_report(report: Report) -> str:
     summary = report.speedup.get("summary")
     if summary:
         verdict = "" if summary.get("resolved", True) else (
-            " NOT RESOLVED at this sample size: an unresolved step count could change these")
+            f" NOT RESOLVED at this sample size: the NFE ratio lies between {summary['nfe_ratio_low']:.1f} and "
+            f"{summary['nfe_ratio_high']:.1f}")
         lines.append(f"within 10% of the teacher's best {report.primary} ({summary['teacher_best']:.4g}, "
                      f"{report.samples} samples x {sets} set(s)): flow map at {summary['flow_map_nfe']} NFE, teacher "
                      f"{summary['teacher_solver']} at {summary['teacher_nfe']} NFE: NFE ratio {summary['nfe_ratio']:.1f}, "

@@ -26,7 +26,7 @@ teacher unless they name their own; a method that distils nothing but says `init
 from the study's teacher's weights.
 
 With `seeds: [s_1, ..., s_S]` every method (not the teacher, and not a swept method, whose best trial
-stands for it) trains once per seed: `<study>-<label>-seed<s>` with train.seed = s, each its own run
+stands for it unless its sweep says `reseed: true`) trains once per seed: `<study>-<label>-seed<s>` with train.seed = s, each its own run
 nested under the member's run. `evaluation.sets: M` scores everything on M evaluation sets, so that
 each (method, step count) has S x M scores and a 95% interval (fmm.evaluation.intervals).
 """
@@ -44,7 +44,7 @@ from fmm.config import StrictModel, validate
 from fmm.experiment.builders import sample_shape
 from fmm.experiment.checks import check_config
 from fmm.experiment.schema import (ExperimentConfig, StorageConfig, TrackingConfig, apply_overrides, load_experiment,
-                                   read_yaml)
+                                   read_yaml, set_key)
 from fmm.experiment.sweep_schema import (Distribution, MetricSpec, SchedulerSettings, SearchSettings, SweepConfig,
                                          check_sweep)
 from fmm.infra import storage
@@ -72,13 +72,15 @@ class TeacherSpec(StrictModel):
 
 
 class MethodSweep(StrictModel):
-    """A sweep over one method's keys; its best trial stands for the method."""
+    """A sweep over one method's keys; its best trial stands for the method, or, with `reseed: true`
+    and the study's `seeds`, the best trial's configuration trained again at each seed."""
 
     space: dict[str, Distribution]
     metric: str | list[MetricSpec]
     mode: Literal["min", "max"] = "min"
     search: SearchSettings = SearchSettings(num_samples=4, max_concurrent_trials=2)
     scheduler: SchedulerSettings = SchedulerSettings()
+    reseed: bool = False
 
 
 class EvaluationSpec(StrictModel):
@@ -197,6 +199,13 @@ class Member:
     awaits_teacher: bool = False   # distils the study's teacher, which is trained first
     seeds: list[int] | None = None  # trained once per seed, each run nested under the member's run
 
+    def reseed(self, params: dict[str, Any], seeds: list[int]) -> None:
+        """The best trial's configuration (`params`: dotted key -> value), to be trained at each seed."""
+        raw = self.exp.model_dump()
+        for key, value in params.items():
+            set_key(raw, key, value)
+        self.exp, self.seeds = load_experiment(raw=raw), list(seeds)
+
     def seed_runs(self) -> list[tuple[int, ExperimentConfig]]:
         """(seed, experiment) of each of the member's seed runs: `<name>-seed<s>` with train.seed = s."""
         out = []
@@ -290,6 +299,9 @@ def plan_study(study: StudyConfig, uri: str) -> StudyPlan:
     for label, sections in study.methods.items():
         try:
             sweep = validate(MethodSweep, sections["sweep"], "sweep") if "sweep" in sections else None
+            if sweep is not None and sweep.reseed and not study.seeds:
+                raise ValueError("sweep.reseed trains the best trial again at each of the study's seeds: give the "
+                                 "study seeds (e.g. seeds: [0, 1, 2]) or drop reseed")
             exp = member_experiment(study, uri, label, sections, reference)
             awaits = teacher is not None and ((exp.teacher is None and needs_teacher(exp.objective))
                                               or starts_from_study_teacher(exp.model_dump()))

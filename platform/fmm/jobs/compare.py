@@ -165,9 +165,11 @@ class Comparison:
                 solvers = self.solvers_for(curve, reference)
                 ms = 1000 * curve.seconds.get(s["flow_map_nfe"], math.nan)
                 solver_ms = 1000 * solvers[s["teacher_solver"]].seconds.get(s["teacher_nfe"], math.nan)
+                ratio = (f"{s['nfe_ratio']:.1f}" if s["resolved"] else f"<= {s['nfe_ratio_high']:.1f}"
+                         if not s["nfe_ratio_low"] else f"{s['nfe_ratio_low']:.1f}-{s['nfe_ratio_high']:.1f}")
                 verdict = "resolved" if s["resolved"] else "not resolved at this sample size"
                 rows.append([curve.label, str(s["flow_map_nfe"]), _fmt(ms), s["teacher_solver"], str(s["teacher_nfe"]),
-                             _fmt(solver_ms), f"{s['nfe_ratio']:.1f}", f"{s['wallclock_ratio']:.2f}", verdict])
+                             _fmt(solver_ms), ratio, f"{s['wallclock_ratio']:.2f}", verdict])
         return rows
 
     def reference_line(self, solvers: dict[str, Curve], name: str) -> str:
@@ -175,10 +177,14 @@ class Comparison:
         best = min((r for s, c in solvers.items() for r in c.rows(s)), key=lambda r: r.scores["score"])
         threshold = best.scores["score"] + 0.1 * abs(best.scores["score"])
         hits = {s: first_within(c.rows(s), "score", best) for s, c in solvers.items() if s in FIXED_STEP}
-        within = ", ".join(f"{s} from {hit['nfe']}" + ("" if hit["resolved"] else f" (not resolved: {hit['earliest']} "
-                                                                               f"to {hit['nfe']})")
-                           for s, hit in sorted(hits.items(), key=lambda kv: kv[1]["nfe"] if kv[1] and kv[1]["nfe"]
-                                                else math.inf) if hit and hit["nfe"] is not None)
+        def said(solver: str, hit: dict) -> str:
+            if hit["nfe"] is None:
+                return f"{solver} not resolved (from {hit['earliest']} at the earliest)"
+            if hit["resolved"]:
+                return f"{solver} from {hit['nfe']}"
+            return f"{solver} from {hit['nfe']} (not resolved: {hit['earliest']} to {hit['nfe']})"
+        ordered = sorted(((s, h) for s, h in hits.items() if h), key=lambda sh: sh[1]["nfe"] or sh[1]["earliest"])
+        within = ", ".join(said(s, h) for s, h in ordered)
         return (f"{name}: best {self.metric} {best.estimate('score').text()} ({best.method}, {best.nfe} NFE); within "
                 f"10% (<= {threshold:.4g}): {within or 'no fixed-step solver'}")
 
@@ -194,7 +200,8 @@ class Comparison:
                 lines.append(self.reference_line(solvers, name))
         lines += ["", "speed-up at equal quality: the first step count at which a method comes within 10% of the "
                   "teacher's best, against the cheapest fixed-step teacher solver that stays within it (each "
-                  "'within' decided on the paired difference with its 95% interval)"]
+                  "'within' decided on the paired difference with its 95% interval; not resolved: the NFE ratio "
+                  "lies in the range shown, as the unresolved step counts fall; <= when the method may never get there)"]
         lines += _text_table(self.speedup_rows())
         if self.exact and self.teacher is not self.exact:
             lines += ["", "the same against the exact velocity's solvers"]

@@ -277,6 +277,15 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
                 best = best_rows(results_table(grid, sweep), sweep)
                 if not best:
                     raise RuntimeError("no trial of the sweep finished")
+                if member.sweep.reseed:  # the best configuration, trained again at each of the study's seeds
+                    tracking.set_tags(uri, best[0]["mlflow_run_id"], {"study": study.name, "study_role": "sweep_best",
+                                                                       "study_member_best": member.label})
+                    member.reseed({k[len("param."):]: v for k, v in best[0].items() if k.startswith("param.")},
+                                  study.seeds)
+                    log(f"[fmm] {member.label}: the sweep's best trial ({best[0]['mlflow_run_id']}), trained again at "
+                        f"seeds {study.seeds}")
+                    train_all([member], len(member.seeds))
+                    continue
                 members[member.label] = best[0]["mlflow_run_id"]
                 tracking.set_tags(uri, members[member.label], {"study": study.name, "study_member": member.label,
                                                                "study_role": "method"})
@@ -322,13 +331,14 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
                 evaluation.method(member.label, members[member.label])
             else:
                 scores = seed_scores.setdefault(member.label, {})
-                for seed in member.seeds:
+                seeds = sorted(map(int, seed_runs[member.label]))
+                for seed in seeds:
                     if str(seed) not in scores:
                         report = evaluation.method(f"{member.label} seed {seed}", seed_runs[member.label][str(seed)])
                         scores[str(seed)] = {"primary": report.primary, "samples": report.samples,
                                              "sampler": report.sampler, "rows": [asdict(r) for r in report.rows]}
                         record.save()
-                evaluation.seeds(member.label, members[member.label], [scores[str(s)] for s in member.seeds])
+                evaluation.seeds(member.label, members[member.label], [scores[str(s)] for s in seeds])
             done(member.label)
         primary = evaluation.protocol(first).scorer.primary
         tracking.set_tags(uri, parent, {"eval_metric": primary, "eval_samples": str(study.evaluation.samples),
