@@ -342,26 +342,24 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
 
 
 @pytest.mark.slow
-def test_a_study_with_three_seeds_killed_midway_resumes_without_retraining_finished_seeds(tmp_path):
-    """seeds: [0, 1, 2], two runs at a time: the study is killed (SIGKILL, with its Ray) once a seed has
-    finished; `--resume` keeps the finished seeds' runs, trains the others, and the member's cells are
-    over 3 seeds x 2 sets, printed as MLflow holds them."""
+def test_a_study_with_three_seeds_killed_midway_resumes_without_retraining_finished_seeds(tmp_path, ray_cluster):
+    """seeds: [0, 1, 2], two runs at a time, on a running Ray cluster (this session's): the study's
+    driver is killed (SIGKILL) once a seed has finished, as when the machine that submitted it goes;
+    `--resume` keeps the finished seeds' runs, trains the others, and the member's cells are over
+    3 seeds x 2 sets, printed as MLflow holds them."""
     import signal
-    import tempfile
 
-    from support.ray_ports import stop_ray_under
-
+    address = ray_cluster.get_runtime_context().gcs_address
     evaluation = {"steps": [1, 2], "samples": 300, "sets": 2, "metrics": ["sw2"], "teacher_max_nfe": 4}
     base = {**TINY["base"], "train": {**TINY["base"]["train"], "steps": 100, "checkpoint_every": 50}}
     write_study(str(tmp_path), name="seeded", base=base, teacher={"exact": "flower"}, seeds=[0, 1, 2],
                 methods={"lmd": {"objective": {"name": "lmd"}}}, evaluation=evaluation, max_concurrent=2)
-    ray_temp = tempfile.mkdtemp(prefix="/tmp/fmms")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_temp)
-    env.pop("RAY_ADDRESS", None)
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("MLFLOW_TRACKING_URI", None)
     record = tmp_path / "studies" / "seeded" / "fmm_study.json"
-    proc = subprocess.Popen([sys.executable, "-m", "fmm.cli", "study", "study.yaml"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "fmm.cli", "study", "study.yaml", "--address", address],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     finished = {}
     try:
         deadline = time.time() + 300
@@ -374,9 +372,8 @@ def test_a_study_with_three_seeds_killed_midway_resumes_without_retraining_finis
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
-        stop_ray_under(ray_temp)
     assert 1 <= len(finished) < 3, finished
-    out = run_cli("study", "study.yaml", "--resume", cwd=tmp_path)
+    out = run_cli("study", "study.yaml", "--resume", "--address", address, cwd=tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     for seed in finished:
         assert f"seeded-lmd-seed{seed}: finished earlier" in out.stdout
