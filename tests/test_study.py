@@ -255,26 +255,26 @@ def rest(url: str, path: str, **query) -> dict:
 @pytest.mark.slow
 def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_compare_prints_it(tmp_path,
                                                                                                mlflow_server):
-    """`fmm study` end to end at two seeds and three evaluation sets: a trained teacher, a distilled
-    member (one run per seed, nested under its run), a self-distillation member swept whose best
-    trial is trained again at each seed (`reseed`); the study's table, `fmm compare`'s table read back
-    from the MLflow server, the same means and 95% intervals over REST, the CSV's bounds, and a resume
-    that retrains and rescores nothing."""
-    methods = {"cd": {"objective": {"name": "cd"}},
+    """`fmm study` end to end at three evaluation sets: a trained teacher, two distilled members, a
+    self-distillation member swept whose best trial's configuration is trained again at the study's
+    seed (`reseed`, its run nested under the method's run); the study's table, `fmm compare`'s table
+    read back from the MLflow server, the same means and 95% intervals over REST and in the CSV. (A
+    study at three seeds, killed and resumed: the next test.)"""
+    methods = {"lmd": {"objective": {"name": "lmd"}}, "cd": {"objective": {"name": "cd"}},
                "lsd": {"objective": {"name": "lsd"}, "train": {"eval_every": 75, "eval_samples": 200},
                        "sweep": {"space": {"optim.lr": {"float": [1e-3, 5e-3], "log": True}},
                                  "metric": "eval/sw2_steps001", "reseed": True,
                                  "search": {"num_samples": 2, "max_concurrent_trials": 2},
                                  "scheduler": {"kind": "fifo"}}}}
     write_study(str(tmp_path), name="served", methods=methods, storage={"path": str(tmp_path / "studies")},
-                tracking={"uri": mlflow_server, "experiment": "served"}, seeds=[0, 1],
+                tracking={"uri": mlflow_server, "experiment": "served"}, seeds=[0],
                 evaluation={**TINY["evaluation"], "sets": 3})
     out = run_cli("study", "study.yaml", cwd=tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
     compared = run_cli("compare", "served", "--tracking-uri", mlflow_server, cwd=tmp_path)
     assert compared.returncode == 0, compared.stderr[-3000:]
-    printed = table_cells(compared.stdout, ["lsd", "cd"])
-    assert printed == table_cells(out.stdout, ["lsd", "cd"])  # the study's own table is the same
+    printed = table_cells(compared.stdout, ["lmd", "lsd", "cd"])
+    assert printed == table_cells(out.stdout, ["lmd", "lsd", "cd"])  # the study's own table is the same
     assert re.search(r"teacher ODE\s+best solver", compared.stdout) and re.search(r"exact ODE\s+best solver",
                                                                                     compared.stdout)
     assert "floor: exact samples score sw2" in compared.stdout
@@ -287,14 +287,12 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
     sweeps = client.search_runs([experiment_id], "tags.kind = 'sweep'")
     assert len(sweeps) == 1 and sweeps[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
     runs = members(client, parent.info.run_id)
-    assert set(runs) == {"teacher", "cd", "lsd"} and runs["cd"].data.tags["eval_sampler"] == "consistency"
+    assert set(runs) == {"teacher", "lmd", "cd", "lsd"} and runs["cd"].data.tags["eval_sampler"] == "consistency"
     assert "exact/heun-le/sw2" in parent.data.metrics and "floor/sw2/set2" in parent.data.metrics
     best = sweeps[0].data.tags["best_mlflow_run_id"]
-    for label in ("cd", "lsd"):  # one run per seed, nested under the method's run, trained at that seed
-        seeds = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{runs[label].info.run_id}'")
-        assert sorted((r.data.tags["study_seed"], r.data.params["train.seed"]) for r in seeds) == [("0", "0"),
-                                                                                                ("1", "1")]
-        assert all(r.data.tags["study_role"] == "seed" and "sw2/set2" in r.data.metrics for r in seeds)
+    reseeded = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{runs['lsd'].info.run_id}'")
+    assert [(r.data.tags["study_seed"], r.data.params["train.seed"]) for r in reseeded] == [("0", "0")]
+    assert reseeded[0].data.tags["study_role"] == "seed" and "sw2/set2" in reseeded[0].data.metrics
     lsd_lr = {client.get_run(best).data.params["optim.lr"], runs["lsd"].data.params["optim.lr"]}
     assert len(lsd_lr) == 1  # the reseeded runs train the best trial's configuration
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
@@ -304,8 +302,8 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
         lines = f.read().splitlines()
     assert lines[0] == "method,role,solver,nfe,mean,low,high,n,seconds_per_sample"
     value, low, high = (client.get_metric_history(runs["cd"].info.run_id, k)[0] for k in ("sw2", "sw2/low", "sw2/high"))
-    assert any(line.startswith(f"cd,method,consistency,{value.step},{value.value!r},{low.value!r},{high.value!r},6,")
-               for line in lines)  # 2 seeds x 3 sets
+    assert any(line.startswith(f"cd,method,consistency,{value.step},{value.value!r},{low.value!r},{high.value!r},3,")
+               for line in lines)  # 3 sets
 
     experiment = rest(mlflow_server, "experiments/get-by-name", experiment_name="served")["experiment"]
     found = urllib.request.Request(f"{mlflow_server}/api/2.0/mlflow/runs/search", method="POST",
@@ -319,7 +317,7 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
         tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
         if "study_member" in tags and tags["study_role"] != "seed":
             by_member[tags["study_member"]] = run["info"]["run_id"]
-    assert set(by_member) == {"teacher", "cd", "lsd"}
+    assert set(by_member) == {"teacher", "lmd", "cd", "lsd"}
     teacher = rest(mlflow_server, "runs/get", run_id=by_member.pop("teacher"))["run"]
     assert {m["key"] for m in teacher["data"]["metrics"]} >= {"teacher/euler/sw2", "teacher/heun-le/sw2",
                                                                 "teacher/rk4-le/sw2"}  # its ODE solvers
@@ -327,18 +325,10 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
         history = {k: sorted(rest(mlflow_server, "metrics/get-history", run_id=run_id, metric_key=k)["metrics"],
                              key=lambda m: int(m["step"])) for k in ("sw2", "sw2/low", "sw2/high", "sw2/n")}
         assert [int(m["step"]) for m in history["sw2"]] == [1, 2, 4]
-        assert [m["value"] for m in history["sw2/n"]] == [6, 6, 6]
+        assert [m["value"] for m in history["sw2/n"]] == [3, 3, 3]
         shown = [f"{m['value']:.4g} ± {(h['value'] - lo['value']) / 2:.2g}"
                  for m, lo, h in zip(history["sw2"], history["sw2/low"], history["sw2/high"])]
         assert printed[label] == shown, label
-
-    # Resuming a finished study retrains nothing, scores nothing twice and gives the same table.
-    again = run_cli("study", "study.yaml", "--resume", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "finished earlier" in again.stdout and "training served-" not in again.stdout
-    assert len(members(client, parent.info.run_id)) == len(runs)
-    assert len(client.get_metric_history(runs["cd"].info.run_id, "sw2")) == 3
-    assert table_cells(again.stdout, ["lsd", "cd"]) == printed
 
 
 @pytest.mark.slow
@@ -390,3 +380,11 @@ def test_a_study_with_three_seeds_killed_midway_resumes_without_retraining_finis
                                                        for m, lo, h in zip(held["sw2"], held["sw2/low"], held["sw2/high"])]
     seed_runs = client.search_runs([member.info.experiment_id], f"tags.mlflow.parentRunId = '{member.info.run_id}'")
     assert sorted(r.data.tags["study_seed"] for r in seed_runs) == ["0", "1", "2"]
+
+    # Resuming the finished study retrains nothing, scores nothing twice and gives the same table.
+    again = run_cli("study", "study.yaml", "--resume", "--address", address, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished earlier") == 3 and "training seeded-" not in again.stdout
+    assert len(client.get_metric_history(member.info.run_id, "sw2")) == 2
+    assert all(len(client.get_metric_history(r.info.run_id, "sw2")) == 2 for r in seed_runs)
+    assert table_cells(again.stdout, ["lmd"]) == table_cells(out.stdout, ["lmd"])

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
-from scipy import stats
+from scipy.special import stdtrit  # the t quantile; scipy.stats takes a second to import in every worker
 
 LEVEL = 0.95
 
@@ -131,7 +131,7 @@ def combine(terms: Iterable[tuple[float, Sequence]], level: float = LEVEL) -> Es
     if var == 0.0:
         return Estimate(mean, mean, mean, n, math.inf)
     df = var * var / sum(v * v / d for v, d in parts if v > 0)
-    half = float(stats.t.ppf(0.5 + level / 2, df)) * math.sqrt(var)
+    half = float(stdtrit(df, 0.5 + level / 2)) * math.sqrt(var)
     return Estimate(mean, mean - half, mean + half, n, df)
 
 
