@@ -20,6 +20,10 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 # Ray Train's controller polls its workers every 2 s by default; in tests that is seconds per run of waiting
 # for a finished loop to be noticed.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Every Ray Train run starts a controller and helper actors, each its own process; two of them serve
+# nothing a test on one machine checks: the spot-preemption watcher and the Prometheus metrics.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two test processes share the machine: one intra-op thread each. Two processes each spinning as
     # many OpenMP threads as there are cores slow each other down many times over.
@@ -80,3 +84,31 @@ def flaky_s3(s3_server):
     proxy = FlakyS3(s3_server)
     yield proxy
     proxy.close()
+
+
+# The longest tests first (each a minute or more on 2 cores, in this order), then the other slow ones, then
+# the rest: pytest-xdist hands tests out in collection order, so the two processes take the long ones
+# alternately and end together on short ones instead of one waiting on the other's last long test.
+LONGEST = (
+    "test_a_lost_node_is_survived",
+    "test_a_study_through_the_cli_on_an_mlflow_server",
+    "test_a_study_with_three_seeds_killed_midway",
+    "test_transient_s3_errors_are_retried",
+    "test_an_interrupted_sweep_resumes",
+    "test_a_sweep_larger_than_the_head_makes_the_autoscaler",
+    "test_a_worker_killed_with_sigkill",
+    "test_s3_storage_and_parquet_data",
+    "test_ray_job_submit_runs_the_toy_sweep",
+    "test_credentials_in_the_environment",
+    "test_fid_of_a_set_with_itself",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        for i, prefix in enumerate(LONGEST):
+            if item.name.startswith(prefix):
+                return i
+        return len(LONGEST) + (0 if item.get_closest_marker("slow") else 1)
+
+    items.sort(key=rank)  # stable: the order within each rank is the files' order

@@ -67,33 +67,42 @@ def test_speedup_finds_the_first_nfe_within_ten_percent():
 
 
 @pytest.mark.slow
-def test_evaluating_a_trained_run_logs_the_curve_figure_and_table(ray_cluster, tmp_path):
+def test_evaluating_a_trained_run_logs_the_curve_figure_and_table(tmp_path):
+    """A run trained in this process (the loop through LocalSession, which leaves what `fmm train` leaves:
+    the run's record, checkpoints and MLflow run), then evaluated at three sets."""
     from fmm.experiment.schema import load_experiment
-    from fmm.jobs.train import run_training
+    from fmm.jobs.train import open_run
+    from fmm.worker.loop import run_loop
+    from fmm.worker.sessions import LocalSession
+    from fmm.worker.trainer import loop_config
 
     from support.experiments import TRAIN_BASE as BASE
 
     raw = copy.deepcopy(BASE)
     raw.update(name="evaluated", storage={"path": str(tmp_path / "runs")},
                tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tests"})
-    result = run_training(load_experiment(raw=raw), log=lambda *_: None)
-    report = evaluate(result.run_dir, [1, 2, 4, 8], samples=400, teacher_max_nfe=8, log=lambda *_: None, sets=3)
+    exp = load_experiment(raw=raw)
+    record = open_run(exp)
+    config = loop_config(exp, record)
+    run_dir = config["run_dir"]
+    run_loop(config, LocalSession(run_dir))
+    report = evaluate(run_dir, [1, 2, 4, 8], samples=400, teacher_max_nfe=8, log=lambda *_: None, sets=3)
     assert {r.steps for r in report.rows if r.method == "flow_map"} == {1, 2, 4, 8}
-    client = MlflowClient(result.tracking_uri)
-    history = client.get_metric_history(result.mlflow_run_id, "sw2")
+    client = MlflowClient(record.tracking_uri)
+    history = client.get_metric_history(record.mlflow_run_id, "sw2")
     assert sorted(m.step for m in history) == [1, 2, 4, 8]
     # Three evaluation sets: the mean at step = NFE, its interval and each set's score beside it.
-    run = client.get_run(result.mlflow_run_id)
+    run = client.get_run(record.mlflow_run_id)
     assert run.data.tags["eval_sets"] == "3"
     row = next(r for r in report.rows if r.method == "flow_map" and r.steps == 1)
-    logged = {k: client.get_metric_history(result.mlflow_run_id, k)[0].value
+    logged = {k: client.get_metric_history(record.mlflow_run_id, k)[0].value
               for k in ("sw2", "sw2/low", "sw2/high", "sw2/set0", "sw2/set1", "sw2/set2")}
     assert logged["sw2"] == pytest.approx(sum(row.sets["sw2"][0]) / 3) and logged["sw2/set2"] == row.sets["sw2"][0][2]
     assert logged["sw2/low"] < logged["sw2"] < logged["sw2/high"]
     assert "teacher/rk4-le/sw2/set2" in run.data.metrics and "floor/sw2/set1" in run.data.metrics
-    assert len(client.get_metric_history(result.mlflow_run_id, "teacher/rk4-le/sw2")) >= 1
-    assert "seconds_per_sample" in client.get_run(result.mlflow_run_id).data.metrics
-    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "evaluation")}
+    assert len(client.get_metric_history(record.mlflow_run_id, "teacher/rk4-le/sw2")) >= 1
+    assert "seconds_per_sample" in client.get_run(record.mlflow_run_id).data.metrics
+    artifacts = {a.path for a in client.list_artifacts(record.mlflow_run_id, "evaluation")}
     assert artifacts == {"evaluation/evaluation.csv", "evaluation/evaluation.json", "evaluation/sw2_vs_steps.png",
                          "evaluation/samples.png"}
 

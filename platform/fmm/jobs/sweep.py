@@ -43,6 +43,14 @@ from fmm.worker.trainer import loop_config, make_trainer
 
 # -- the trial -----------------------------------------------------------------------------------
 
+def finished_report(run, steps: int) -> dict[str, Any]:
+    """The last report of a finished trial, rebuilt from its MLflow run: the step, the loss and the
+    periodic evaluation's latest values, as the loop reports them."""
+    metrics = run.data.metrics
+    return {"step": steps, "loss": metrics.get("train/loss", float("nan")), "mlflow_run_id": run.info.run_id,
+            **{k: v for k, v in metrics.items() if k.startswith("eval/")}}
+
+
 def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     """One Tune trial: build the trial's experiment, open (or on a restart, find) its nested MLflow
     run, train, and close the run with its status and, on failure, the reason."""
@@ -52,6 +60,11 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     uri, parent = context["tracking_uri"], context["parent_run_id"]
     found = tracking.client(uri).search_runs(
         [context["experiment_id"]], f"tags.ray_trial_id = '{trial_id}' and tags.mlflow.parentRunId = '{parent}'")
+    if found and found[0].info.status == "FINISHED":
+        # The trial ended after the sweep's last snapshot and before the sweep was killed: Tune restarts it
+        # on resume. Report what it ended with instead of training it a second time.
+        ray.tune.report(finished_report(found[0], exp.train.steps))
+        return
     record = open_run(exp, parent_run_id=parent, run_id=found[0].info.run_id if found else None,
                       extra_tags={"ray_trial_id": trial_id, "sweep": sweep.name},
                       extra_params={f"sweep.{k}": str(v) for k, v in config.items()})
