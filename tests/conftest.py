@@ -87,8 +87,9 @@ def flaky_s3(s3_server):
 
 
 # The longest tests first (each a minute or more on 2 cores, in this order), then the other slow ones, then
-# the rest: pytest-xdist hands tests out in collection order, so the two processes take the long ones
-# alternately and end together on short ones instead of one waiting on the other's last long test.
+# the rest. With pytest-xdist's work stealing (`--dist worksteal` in pyproject.toml) a process that runs
+# out takes the back half of the other's queue, so the long tests start early and both processes end
+# together on short ones instead of one waiting on the other's last long test.
 LONGEST = (
     "test_a_lost_node_is_survived",
     "test_a_study_through_the_cli_on_an_mlflow_server",
