@@ -93,7 +93,7 @@ def flaky_s3(s3_server):
 LONGEST = (
     "test_a_lost_node_is_survived",
     "test_a_study_through_the_cli_on_an_mlflow_server",
-    "test_a_study_with_three_seeds_killed_midway",
+    "test_a_study_with_seeds_killed_midway",
     "test_transient_s3_errors_are_retried",
     "test_an_interrupted_sweep_resumes",
     "test_a_sweep_larger_than_the_head_makes_the_autoscaler",

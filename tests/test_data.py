@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fmm.experiment.data import DEFAULT_SOURCES, load, prepare, read_manifest, read_part
+from fmm.experiment.data import DEFAULT_SOURCES, iter_rows, load, prepare, read_manifest, read_part
+from fmm.experiment.schema import load_experiment
 
 
 def test_toy_target_round_trips_through_shards(tmp_path):
@@ -105,3 +106,27 @@ def test_data_prepare_command(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fmm.cli", "data", "prepare", "cifar10", "--out", str(out),
                              "--source", str(tmp_path / "none")], capture_output=True, text=True)
     assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_streamed_rows_are_the_shards_rows_in_order_in_blocks_of_the_asked_size(tmp_path):
+    prepare("digits", str(tmp_path / "d"), shards=3)
+    whole = read_part(str(tmp_path / "d"))[0]
+    blocks = list(iter_rows(str(tmp_path / "d"), rows=500))
+    assert [len(b) for b in blocks] == [500, 500, 500, 297] and blocks[0].dtype == np.uint8
+    assert torch.equal(torch.from_numpy(np.concatenate(blocks)).float().reshape(-1, 1, 8, 8) / 127.5 - 1, whole)
+
+
+def test_a_relative_data_path_is_made_absolute_for_workers_that_run_elsewhere(tmp_path, monkeypatch):
+    """Ray Train workers and Tune trials run in Ray's folders: `fmm train` from the folder that holds
+    ./data/digits must hand them the absolute path (as the digits example in the README does)."""
+    monkeypatch.chdir(tmp_path)
+    exp = load_experiment(raw={"name": "rel", "data": {"path": "./data/digits"},
+                               "network": {"name": "unet", "in_channels": 1, "image_size": 8, "channels": 16,
+                                           "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []},
+                               "objective": {"name": "lsd"}})
+    assert exp.data.path == str(tmp_path / "data" / "digits")
+    exp = load_experiment(raw={"name": "s3", "data": {"path": "s3://bucket/digits"},
+                               "network": {"name": "unet", "in_channels": 1, "image_size": 8, "channels": 16,
+                                           "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []},
+                               "objective": {"name": "lsd"}})
+    assert exp.data.path == "s3://bucket/digits"

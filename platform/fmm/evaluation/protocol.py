@@ -31,10 +31,11 @@ from fmm import metrics
 from fmm.evaluation import fid
 from fmm.evaluation.intervals import Estimate, difference, estimate
 from fmm.evaluation.classifier_features import ClassifierFeatures
-from fmm.experiment.data import read_labels, read_part
+from fmm.experiment.data import read_labels, read_manifest, read_part
 from fmm.experiment.schema import ExperimentConfig
 from fmm.flowmap import TwoTimeMap, VelocityField
 from fmm.groundtruth import BoxMixture, ExactVelocity, make_target, reference_flow_map
+from fmm.infra import storage
 from fmm.interpolants import Interpolant
 from fmm.metrics import IMAGE_METRICS, VECTOR_METRICS
 from fmm.objectives import sampler_for
@@ -68,6 +69,7 @@ class Report:
     floors: dict[str, float] = field(default_factory=dict)  # what exact samples score, at the same sizes
     note: str = ""                # why a part of the protocol was left out (e.g. no teacher rows)
     floor_sets: dict[str, list[float]] = field(default_factory=dict)  # the floors on each evaluation set
+    provenance: dict[str, object] = field(default_factory=dict)  # FID: weights sha256, resize, counts, reference
 
     @property
     def sets(self) -> int:
@@ -93,7 +95,8 @@ class Scorer:
     protocol's KL noise set (KL_SAMPLES points), not on the reference set's."""
 
     def __init__(self, shape, reference, reference_map=None, log_density=None, extent=None, wanted=None,
-                 labelled=None):
+                 labelled=None, fid_reference: fid.Statistics | None = None,
+                 extractor: fid.InceptionFeatures | None = None):
         self.is_image = len(shape) == 3
         allowed = IMAGE_METRICS if self.is_image else VECTOR_METRICS
         wanted = list(wanted or (("fid",) if self.is_image else ("sw2", "energy", "mmd", "w2_exact")))
@@ -109,9 +112,15 @@ class Scorer:
         self.wanted, self.reference, self.reference_map = wanted, reference, reference_map
         self.log_density, self.extent = log_density, extent
         self.primary = wanted[0]
+        self.provenance: dict[str, object] = {}   # what the FID was computed with (logged as MLflow tags)
         if "fid" in wanted:
-            self.extractor = fid.InceptionFeatures(device="cuda" if torch.cuda.is_available() else "cpu")
-            self.reference_features = self.extractor(reference, progress=True)
+            self.extractor = extractor or fid.InceptionFeatures(device="cuda" if torch.cuda.is_available() else "cpu")
+            if fid_reference is None:  # the reference subset's statistics
+                fid_reference = self.extractor.statistics(_batches(reference), f"a subset of {len(reference)} rows",
+                                                          progress=True)
+                fid_reference.key = f"subset-n{len(reference)}"
+            self.fid_reference = fid_reference
+            self.provenance = fid_reference.provenance()
         if "fd_classifier" in wanted:
             if labelled is None:
                 raise ValueError("fd_classifier needs a labelled image dataset (Parquet shards with a label column).")
@@ -125,7 +134,8 @@ class Scorer:
         if self.is_image:
             out = {}
             if "fid" in self.wanted:
-                out["fid"] = fid.fid(self.extractor(x.float(), progress=True), self.reference_features)
+                generated = self.extractor.statistics(_batches(x.float()), "generated samples", progress=True)
+                out["fid"] = generated.distance(self.fid_reference)
             if "fd_classifier" in self.wanted:
                 out["fd_classifier"] = self.classifier.distance(x.float(), self.reference.float())
             return out
@@ -136,6 +146,11 @@ class Scorer:
             elif name == "rmse_vs_ode" and paired:
                 out[name] = metrics.map_rmse(x, self.reference_map)
         return out
+
+
+def _batches(x: torch.Tensor, n: int = 64):
+    for start in range(0, len(x), n):
+        yield x[start:start + n]
 
 
 def _timed(fn):
@@ -201,7 +216,9 @@ def run_protocol(model, teacher, noise: torch.Tensor, steps: list[int], scorer: 
             bar.update()
         if grid:
             log(f"[fmm] teacher: {len(grid)} solver runs")
-    return Report(scorer.primary, len(noise), rows, speedup(rows, scorer.primary), sampler_kind, dict(floors or {}))
+    provenance = {**scorer.provenance, "fid_generated": len(noise)} if scorer.provenance else {}
+    return Report(scorer.primary, len(noise), rows, speedup(rows, scorer.primary), sampler_kind, dict(floors or {}),
+                  provenance=provenance)
 
 
 def within_verdicts(rows: list[Row], best: Row, primary: str) -> list[bool | None]:
@@ -323,17 +340,24 @@ class Protocol:
 
 
 def reference_sets(exp: ExperimentConfig, shape: tuple[int, ...], samples: int, sets: int, generator_for,
-                   labelled: bool = False):
+                   labelled: bool = False, subsets: bool = True):
     """([reference of each set], (images, labels, dataset name) or None): exact draws of a toy target
     (set j drawn from `generator_for(j)`), or `sets` disjoint subsets of one permutation of the Parquet
     shards (drawn from `generator_for(0)`; with the whole labelled set when `labelled`, which the
-    classifier-feature distance trains on)."""
+    classifier-feature distance trains on), or no reference rows (None per set) when no metric needs
+    `subsets` (the FID against the whole training set's statistics)."""
     if exp.data.target is not None:
         target = make_target(exp.data.target)
         if (target.dim,) != shape:
             raise ValueError(f"the checkpoint's samples have shape {list(shape)} but {exp.data.target!r} has "
                              f"[{target.dim}].")
         return [target.sample(samples, generator_for(j)) for j in range(sets)], None
+    if not subsets:
+        manifest = read_manifest(exp.data.path)
+        if tuple(manifest["shape"]) != shape:
+            raise ValueError(f"the checkpoint's samples have shape {list(shape)} but the data at "
+                             f"{exp.data.path!r} has {manifest['shape']}.")
+        return [None] * sets, None
     data, manifest = read_part(exp.data.path)
     if tuple(manifest["shape"]) != shape:
         raise ValueError(f"the checkpoint's samples have shape {list(shape)} but the data at "
@@ -347,6 +371,12 @@ def reference_sets(exp: ExperimentConfig, shape: tuple[int, ...], samples: int, 
         except ValueError:  # no label column: the classifier distance is refused by the Scorer
             pass
     return references, None
+
+
+def needs_subsets(shape: tuple[int, ...], metrics: list[str] | None, fid_reference: str) -> bool:
+    """Whether a dataset's evaluation draws reference subsets: not when its one metric is the FID against
+    the whole training set's statistics."""
+    return not (len(shape) == 3 and fid_reference == "train" and list(metrics or ["fid"]) == ["fid"])
 
 
 def check_disjoint(rows: int, samples: int, sets: int, where: str) -> None:
@@ -371,16 +401,34 @@ def box_log_density(target: BoxMixture):
 
 
 def build_protocol(exp: ExperimentConfig, interpolant: Interpolant, shape: tuple[int, ...], samples: int,
-                   seed: int = 0, metrics_wanted: list[str] | None = None, log=print, sets: int = 1) -> Protocol:
+                   seed: int = 0, metrics_wanted: list[str] | None = None, log=print, sets: int = 1,
+                   fid_reference: str = "train", fid_samples: int | None = None,
+                   fid_stats: str | None = None, fid_weights: str | None = None) -> Protocol:
     """`sets` seeded evaluation sets for experiment `exp`'s data: per set, its noise, exact draws and the
     float64 reference map of the same noise for a toy target (and what another exact draw scores: the
-    floor), or a disjoint subset of the Parquet shards otherwise. Set 0 is the one-set protocol."""
+    floor), or a disjoint subset of the Parquet shards otherwise. Set 0 is the one-set protocol.
+
+    Images: `fid_samples` (default `samples`) generated per set; the FID's reference is the statistics
+    of every training row when `fid_reference` is "train" (cached under `fid_stats`, by default
+    <storage.path>/fid_stats; every set shares it), or each set's own subset of `samples` rows.
+    `fid_weights`: the FID Inception file or s3:// URI (fmm.evaluation.fid.resolve_weights)."""
     if sets < 1:
         raise ValueError(f"evaluation.sets is {sets}: give at least 1 evaluation set.")
+    if fid_reference not in ("train", "subset"):
+        raise ValueError(f"evaluation.fid_reference is {fid_reference!r}: allowed are 'train' (the whole training "
+                         f"set's statistics) and 'subset'.")
+    images = len(shape) == 3 and exp.data.target is None
+    train_fid = extractor = None
+    if images and "fid" in (metrics_wanted or ["fid"]):
+        samples = fid_samples or samples
+        extractor = fid.InceptionFeatures(fid_weights, device="cuda" if torch.cuda.is_available() else "cpu")
+        if fid_reference == "train":
+            train_fid = fid.dataset_statistics(extractor, exp.data.path,
+                                               fid_stats or storage.join(exp.storage.path, "fid_stats"), log=log)
     wants_classifier = metrics_wanted is None or "fd_classifier" in metrics_wanted
     references, labelled = reference_sets(exp, shape, samples, sets,
                                           lambda j: torch.Generator().manual_seed(seed + SET_STRIDE * j + 1),
-                                          wants_classifier)
+                                          wants_classifier, subsets=needs_subsets(shape, metrics_wanted, fid_reference))
     target = make_target(exp.data.target) if exp.data.target is not None else None
     exact = ExactVelocity(target, interpolant) if target is not None else None
     out = []
@@ -388,7 +436,8 @@ def build_protocol(exp: ExperimentConfig, interpolant: Interpolant, shape: tuple
         base = seed + SET_STRIDE * j
         noise = interpolant.sigma0 * torch.randn((samples, *shape), generator=torch.Generator().manual_seed(base))
         if target is None:
-            out.append(EvalSet(noise, Scorer(shape, reference, wanted=metrics_wanted, labelled=labelled)))
+            out.append(EvalSet(noise, Scorer(shape, reference, wanted=metrics_wanted, labelled=labelled,
+                                             fid_reference=train_fid, extractor=extractor)))
             continue
         reference_map = log_density = extent = None
         if metrics_wanted is None or "rmse_vs_ode" in metrics_wanted:
@@ -420,7 +469,7 @@ def merge_sets(reports: list[Report]) -> Report:
                         {k: sum(t[0]) / len(same) for k, t in tables.items()}, tables))
     floor_sets = {k: [r.floors.get(k, math.nan) for r in reports] for k in first.floors}
     return Report(first.primary, first.samples, rows, speedup(rows, first.primary), first.sampler,
-                  {k: sum(v) / len(v) for k, v in floor_sets.items()}, first.note, floor_sets)
+                  {k: sum(v) / len(v) for k, v in floor_sets.items()}, first.note, floor_sets, first.provenance)
 
 
 def merge_seeds(row_lists: list[list[Row]]) -> list[Row]:

@@ -18,6 +18,7 @@ Sources (nothing is downloaded; a missing file is an error naming the path to fi
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -131,7 +132,7 @@ def write_shards(data: Samples, out_uri: str, shards: int, name: str) -> dict:
         pq.write_table(pa.table(columns), buffer)
         file = f"part-{i:05d}.parquet"
         storage.write_bytes(storage.join(out_uri, file), buffer.getvalue())
-        files.append({"file": file, "rows": int(len(rows))})
+        files.append({"file": file, "rows": int(len(rows)), "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()})
     manifest = {"dataset": name, "shape": list(data.shape), "encoding": data.encoding, "rows": int(len(flat)),
                 "files": files}
     storage.write_bytes(storage.join(out_uri, MANIFEST), json.dumps(manifest, indent=1).encode())
@@ -147,6 +148,41 @@ def read_manifest(uri: str) -> dict:
     return storage.read_json(storage.join(uri, MANIFEST),
                              f"no prepared dataset at {uri!r} (missing {MANIFEST}): write one with "
                              f"'fmm data prepare DATASET --out {uri}'.")
+
+
+def content_key(uri: str) -> str:
+    """The first 16 hex digits of the sha256 of the dataset's manifest, which lists every shard's sha256:
+    a key that changes with the data (for manifests written before shards carried their hash, with the
+    file names, row counts, shape and encoding only)."""
+    read_manifest(uri)  # a clear error when there is none
+    return hashlib.sha256(storage.read_bytes(storage.join(uri, MANIFEST))).hexdigest()[:16]
+
+
+def iter_rows(uri: str, rows: int = 1024, column: str = "x"):
+    """Every row of the dataset in order, `rows` at a time, as stored ([rows, width] uint8 for images),
+    reading one Parquet record batch at a time: memory is bounded by the batch, not the dataset."""
+    manifest = read_manifest(uri)
+    fs, base = storage.filesystem(uri)
+    pending, held = [], 0
+    for entry in manifest["files"]:
+        with fs.open_input_file(f"{base.rstrip('/')}/{entry['file']}") as f:
+            parquet = pq.ParquetFile(f)
+            if column not in parquet.schema_arrow.names:
+                raise ValueError(f"the dataset at {uri!r} has no {column!r} column.")
+            for batch in parquet.iter_batches(batch_size=rows, columns=[column]):
+                values = batch.column(0)
+                if column == "x":
+                    values = values.values.to_numpy(zero_copy_only=False).reshape(len(batch), -1)
+                else:
+                    values = values.to_numpy(zero_copy_only=False)
+                pending.append(values)
+                held += len(values)
+                while held >= rows:
+                    joined = np.concatenate(pending)
+                    yield joined[:rows]
+                    pending, held = [joined[rows:]], held - rows
+    if held:
+        yield np.concatenate(pending)
 
 
 def _read_rows(uri: str, column: str, rank: int, world: int) -> tuple[np.ndarray, dict]:

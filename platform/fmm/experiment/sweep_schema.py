@@ -31,8 +31,8 @@ from pydantic import Field, model_validator
 from fmm.config import StrictModel, validate
 from fmm.experiment.builders import reported_metrics
 from fmm.experiment.checks import check_config
-from fmm.experiment.schema import (ExperimentConfig, TrackingConfig, apply_overrides, load_experiment, read_yaml,
-                                   set_key)
+from fmm.experiment.schema import (ExperimentConfig, TrackingConfig, absolute_paths, apply_overrides, load_experiment,
+                                   read_yaml, set_key)
 from fmm.infra import storage
 
 
@@ -133,16 +133,6 @@ class SweepConfig(StrictModel):
 
 # -- loading and validation (all before any trial starts) ----------------------------------------
 
-def _absolute_paths(raw: dict[str, Any]) -> None:
-    """Tune trials run in their own folders: make the experiment's local paths absolute here."""
-    data = raw.get("data") or {}
-    if isinstance(data.get("path"), str):
-        data["path"] = storage.absolute(data["path"])
-    teacher = raw.get("teacher") or {}
-    if isinstance(teacher.get("path"), str) and not teacher["path"].startswith("runs:/"):
-        teacher["path"] = storage.absolute(teacher["path"])
-
-
 def holds(when: dict[str, Any], values: dict[str, Any], base: dict[str, Any]) -> bool:
     for key, wanted in when.items():
         value = values[key] if key in values else _lookup(base, key)
@@ -170,7 +160,7 @@ def load_sweep(path: str, overrides: list[str] | None = None) -> tuple[SweepConf
     base = read_yaml(base_path, "base experiment")
     for key, value in sweep.set.items():
         set_key(base, key, value)
-    _absolute_paths(base)
+    absolute_paths(base)
     check_sweep(sweep, base)
     return sweep, base
 

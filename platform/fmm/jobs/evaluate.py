@@ -99,7 +99,7 @@ def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps
                             "speedup/wallclock_ratio": summary["wallclock_ratio"],
                             "speedup/resolved": float(summary["resolved"])}, step=0)
     logger.set_tags({"eval_sampler": report.sampler, "eval_metric": report.primary, "eval_samples": report.samples,
-                     "eval_sets": report.sets,
+                     "eval_sets": report.sets, **report.provenance,
                      **({"eval_note": report.note} if report.note else {})})
     log_floors(logger, report)
     logger.flush()
@@ -152,7 +152,8 @@ def own_teacher(model: FlowMap, exp: ExperimentConfig, protocol: Protocol,
 
 def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 0, metrics_wanted=None,
              teacher_max_nfe: int = 256, log_mlflow: bool = True, log=print, with_teacher: bool = True,
-             teacher_path: str | None = None, sets: int = 1) -> Report:
+             teacher_path: str | None = None, sets: int = 1, fid_reference: str = "train",
+             fid_stats: str | None = None, fid_weights: str | None = None) -> Report:
     """Score the run (or flow-map file) at `source` by the protocol, logging into its MLflow run if it has one."""
     model, exp, record = load_trained(source)
     model.eval()
@@ -162,7 +163,8 @@ def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 
     if metrics_wanted is None and exp.data.target is not None:
         metrics_wanted = ["sw2", "energy", "mmd", "w2_exact", "rmse_vs_ode"]
     protocol = build_protocol(exp, interpolant, tuple(model.sample_shape), samples, seed, metrics_wanted, log,
-                              sets=sets)
+                              sets=sets, fid_reference=fid_reference, fid_stats=fid_stats,
+                              fid_weights=fid_weights)
     teacher, note = own_teacher(model, exp, protocol, teacher_path) if with_teacher else (None, "")
     report, sampler = evaluate_map(model, exp, interpolant, protocol, steps, seed=seed, teacher=teacher,
                                    teacher_max_nfe=teacher_max_nfe, log=log)

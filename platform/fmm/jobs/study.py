@@ -35,7 +35,7 @@ import ray
 from fmm.checkpoint import load_flow_map
 from fmm.evaluation import fid
 from fmm.evaluation.protocol import (Protocol, Report, Row, build_protocol, check_disjoint, evaluate_map, merge_seeds,
-                                     run_sets)
+                                     needs_subsets, run_sets)
 from fmm.experiment.data import read_manifest
 from fmm.experiment.builders import build_interpolant
 from fmm.experiment.checks import check_environment
@@ -73,7 +73,7 @@ def check_study_environment(plan: StudyPlan) -> None:
                              f"{'' if member.role == 'teacher' else ' ' + repr(member.label)}: {err}") from None
     spec = plan.study.evaluation
     for member in plan.methods[:1]:
-        if member.exp.data.path is not None:
+        if member.exp.data.path is not None and needs_subsets(plan.shape, spec.metrics, spec.fid_reference):
             try:
                 check_disjoint(int(read_manifest(member.exp.data.path)["rows"]), spec.samples, spec.sets,
                                member.exp.data.path)
@@ -81,7 +81,7 @@ def check_study_environment(plan: StudyPlan) -> None:
                 raise ValueError(f"study {plan.study.name}: {err}") from None
     metrics = spec.metrics
     if "fid" in (metrics or []) or (len(plan.shape) == 3 and not metrics):
-        fid.resolve_weights()
+        fid.resolve_weights(spec.fid_weights)
 
 
 def cluster_width(plan: StudyPlan) -> int:
@@ -126,7 +126,9 @@ class Evaluation:
         if key not in self.protocols:
             spec = self.spec
             self.protocols[key] = build_protocol(exp, build_interpolant(exp), self.shape, spec.samples, spec.seed,
-                                                 spec.metrics, self.log, sets=spec.sets)
+                                                 spec.metrics, self.log, sets=spec.sets,
+                                                 fid_reference=spec.fid_reference, fid_samples=spec.fid_samples,
+                                                 fid_stats=spec.fid_stats, fid_weights=spec.fid_weights)
         return self.protocols[key]
 
     def solvers(self, velocity: VelocityField, exp: ExperimentConfig) -> Report:
@@ -155,7 +157,7 @@ class Evaluation:
         first = seed_reports[0]
         logger.set_tags({"eval_sampler": first["sampler"], "eval_metric": first["primary"],
                          "eval_samples": first["samples"], "eval_sets": self.spec.sets,
-                         "eval_seeds": len(seed_reports)})
+                         "eval_seeds": len(seed_reports), **first.get("provenance", {})})
         logger.flush()
         scores = ", ".join(f"{r.steps}: {r.estimate(first['primary']).text()}" for r in rows)
         self.log(f"[fmm] {label} over {len(seed_reports)} seeds x {self.spec.sets} set(s), {first['primary']} by "
@@ -336,7 +338,8 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
                     if str(seed) not in scores:
                         report = evaluation.method(f"{member.label} seed {seed}", seed_runs[member.label][str(seed)])
                         scores[str(seed)] = {"primary": report.primary, "samples": report.samples,
-                                             "sampler": report.sampler, "rows": [asdict(r) for r in report.rows]}
+                                             "sampler": report.sampler, "rows": [asdict(r) for r in report.rows],
+                                             "provenance": report.provenance}
                         record.save()
                 evaluation.seeds(member.label, members[member.label], [scores[str(s)] for s in seeds])
             done(member.label)
