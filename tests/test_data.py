@@ -2,16 +2,19 @@
 
 import gzip
 import os
+import re
 import pickle
 import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fmm.experiment.data import DEFAULT_SOURCES, iter_rows, load, prepare, read_manifest, read_part
+from fmm import cli
+from fmm.experiment.data import DEFAULT_SOURCES, iter_rows, load, prepare, read_labels, read_manifest, read_part
 from fmm.experiment.schema import load_experiment
 
 
@@ -102,7 +105,7 @@ def test_data_prepare_command(tmp_path):
     out = tmp_path / "checker"
     result = subprocess.run([sys.executable, "-m", "fmm.cli", "data", "prepare", "checkerboard", "--out", str(out),
                              "--samples", "500", "--shards", "2"], capture_output=True, text=True)
-    assert result.returncode == 0 and "wrote 500 samples of shape [2] in 2 Parquet shards" in result.stdout
+    assert result.returncode == 0 and "wrote 500 samples of shape [2] (float32) in 2 Parquet shards" in result.stdout
     result = subprocess.run([sys.executable, "-m", "fmm.cli", "data", "prepare", "cifar10", "--out", str(out),
                              "--source", str(tmp_path / "none")], capture_output=True, text=True)
     assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr
@@ -130,3 +133,80 @@ def test_a_relative_data_path_is_made_absolute_for_workers_that_run_elsewhere(tm
                                            "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []},
                                "objective": {"name": "lsd"}})
     assert exp.data.path == "s3://bucket/digits"
+
+
+# -- your own data: fmm data prepare --from ------------------------------------------------------------
+
+def prepare_from(capsys, *args) -> tuple[int, str, str]:
+    code = cli.main(["data", "prepare", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_your_own_arrays_image_folders_and_parquet_tables_become_the_same_shards(tmp_path, capsys):
+    from PIL import Image
+
+    digits = load("digits")
+    x, y = digits.x[:90], digits.labels[:90]
+    np.savez(tmp_path / "nhwc.npz", images=x.transpose(0, 2, 3, 1), labels=y)          # uint8, channels last
+    for i, (image, label) in enumerate(zip(x, y)):                                        # class sub-folders
+        os.makedirs(tmp_path / "folder" / f"c{label}", exist_ok=True)
+        Image.fromarray(image[0], mode="L").save(tmp_path / "folder" / f"c{label}" / f"{i:03d}.png")
+    pq.write_table(pa.table({"pixels": pa.array(list(x.reshape(90, -1))), "digit": pa.array(y)}),
+                   tmp_path / "table.parquet")
+    np.save(tmp_path / "points.npy", np.random.default_rng(0).normal(size=(300, 3)))          # float64 vectors
+    runs = {"nhwc": ["--from", tmp_path / "nhwc.npz"], "folder": ["--from", tmp_path / "folder"],
+            "table": ["--from", tmp_path / "table.parquet", "--column", "pixels", "--label-column", "digit",
+                      "--shape", "1,8,8"]}
+    for name, args in runs.items():
+        code, out, err = prepare_from(capsys, *args, "--out", tmp_path / name, "--shards", 3)
+        assert code == 0, err
+        images, manifest = read_part(str(tmp_path / name))
+        assert manifest["shape"] == [1, 8, 8] and manifest["encoding"] == "uint8_image" and manifest["rows"] == 90
+        labels = read_labels(str(tmp_path / name))
+        if name == "folder":  # files in sorted order: class by class
+            assert manifest["classes"] == [f"c{k}" for k in range(10)] and labels.tolist() == sorted(labels.tolist())
+            order = np.lexsort((np.arange(90), y))
+            assert torch.equal(images, torch.from_numpy(x[order]).float() / 127.5 - 1)
+            assert [manifest["classes"][k] for k in labels] == [f"c{k}" for k in y[order]]
+        else:
+            assert torch.equal(images, torch.from_numpy(x).float() / 127.5 - 1) and labels.tolist() == y.tolist()
+        assert f"wrote 90 samples of shape [1, 8, 8] (uint8_image" in out
+    code, out, err = prepare_from(capsys, "--from", tmp_path / "points.npy", "--out", tmp_path / "points")
+    assert code == 0, err
+    points, manifest = read_part(str(tmp_path / "points"))
+    assert manifest["encoding"] == "float32" and manifest["shape"] == [3] and manifest["dataset"] == "points"
+    assert torch.allclose(points, torch.from_numpy(np.load(tmp_path / "points.npy")).float())
+
+
+def test_a_bad_source_is_refused_in_one_paragraph_naming_the_first_bad_item_and_nothing_is_written(tmp_path, capsys):
+    from PIL import Image
+
+    x = load("digits").x[:10]
+    nan = x.astype(np.float32) / 127.5 - 1
+    nan[4, 0, 1, 1] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    np.save(tmp_path / "empty.npy", np.zeros((0, 3, 8, 8), np.uint8))
+    np.save(tmp_path / "bools.npy", np.zeros((5, 2), bool))
+    os.makedirs(tmp_path / "mixed")
+    for i, size in enumerate((8, 8, 9)):
+        Image.fromarray(np.zeros((size, size), np.uint8), mode="L").save(tmp_path / "mixed" / f"{i}.png")
+    pq.write_table(pa.table({"v": pa.array([[1.0, 2.0], [3.0], [4.0, 5.0]])}), tmp_path / "ragged.parquet")
+    cases = [
+        (["--from", "nan.npy"], r"'.*nan.npy': image 4 holds NaN or infinity\."),
+        (["--from", "empty.npy"], r"'.*empty.npy' holds no images\."),
+        (["--from", "bools.npy"], r"'.*bools.npy': samples of dtype bool; allowed are uint8"),
+        (["--from", "mixed"], r"'.*mixed/2.png' is 9 x 9 but '.*mixed/0.png' is 8 x 8"),
+        (["--from", "ragged.parquet", "--column", "v"], r"'.*ragged.parquet': row 1 of column 'v' holds 1 values "
+                                                         r"where the first holds 2"),
+        (["--from", "ragged.parquet"], r"is a Parquet table: name the column that holds the samples \(--column\)"),
+        (["--from", "ragged.parquet", "--column", "w"], r"has no column 'w'; its columns are \['v'\]"),
+        (["--from", "nan.npy", "--shape", "2,2"], r"--shape takes D \(vectors\) or C,H,W \(images\)"),
+        (["digits", "--from", "nan.npy"], r"takes a DATASET to read from its original files, or --from SOURCE"),
+    ]
+    for args, pattern in cases:
+        args = [str(tmp_path / a) if a.endswith((".npy", ".parquet")) or a == "mixed" else a for a in args]
+        code, out, err = prepare_from(capsys, *args, "--out", tmp_path / "out")
+        assert code == 2 and err.startswith("fmm data: error: ") and err.count("\n") == 1, (args, err)
+        assert re.search(pattern, err), (pattern, err)
+        assert not (tmp_path / "out").exists(), args  # nothing half-written

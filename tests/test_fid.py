@@ -234,7 +234,8 @@ def test_fmm_fid_reads_arrays_image_folders_datasets_and_statistics_alike(tmp_pa
     code, out, err = fid_cli(capsys, tmp_path / "a_nhwc.npy", tmp_path / "b_png", "--weights", weights)
     assert code == 0, err
     assert f"{tmp_path / 'a_nhwc.npy'} (40 images, 1x8x8)" in out and "resize nv_bilinear" in out
-    assert value(out) > 0.01
+    printed = value(out)
+    assert printed > 0.01
 
     # --save-stats: the statistics stand for the set, with what they were computed with.
     code, out, err = fid_cli(capsys, tmp_path / "a_nhwc.npy", "--save-stats", tmp_path / "a_stats.npz",
@@ -244,7 +245,7 @@ def test_fmm_fid_reads_arrays_image_folders_datasets_and_statistics_alike(tmp_pa
     assert (stats.count, stats.shape, stats.resize) == (40, (1, 8, 8), "nv_bilinear")
     assert stats.weights_sha256 == fid.sha256(weights)
     again = run_fid(str(tmp_path / "a_stats.npz"), str(tmp_path / "b_png"), weights=weights, progress=False)
-    assert again.value == pytest.approx(value(out), abs=1e-4)  # the printed value has four decimals
+    assert again.value == pytest.approx(printed, abs=1e-4)  # the printed value has four decimals
 
 
 def test_fmm_fid_refuses_bad_sets_and_foreign_statistics_in_one_paragraph_writing_nothing(tmp_path, capsys):
@@ -269,13 +270,13 @@ def test_fmm_fid_refuses_bad_sets_and_foreign_statistics_in_one_paragraph_writin
         (["nan.npy", "good.npy"], r"'.*nan.npy': image 7 holds NaN or infinity\."),
         (["wide.npy", "good.npy"], r"'.*wide.npy': float images are read on \[-1, 1\] .* image 0 reaches 2"),
         (["empty.npy", "good.npy"], r"'.*empty.npy' holds no images\."),
-        (["ints.npy", "good.npy"], r"'.*ints.npy': images of dtype int64; FID reads uint8 on \[0, 255\] or float"),
+        (["ints.npy", "good.npy"], r"'.*ints.npy': samples of dtype int64; allowed are uint8 \(images on \[0, 255\]\) and float"),
         (["big.npy", "good.npy"], r"FID of '.*big.npy' \(3x16x16\) against '.*good.npy' \(1x8x8\): the sets' image "
                                   r"sizes differ"),
         (["five.npy", "good.npy"], r"images of shape \[5, 8, 8\] have neither 1 nor 3 channels"),
         (["mixed", "good.npy"], r"'.*mixed/0001.png' is 9 x 9 but '.*mixed/0000.png' is 8 x 8"),
         (["nothing", "good.npy"], r"'.*nothing' holds no images \(.png, .jpg"),
-        (["nowhere", "good.npy"], r"'.*nowhere' is no image set: give a .npy or .npz file"),
+        (["nowhere", "good.npy"], r"'.*nowhere' holds no samples fmm reads: give a .npy or .npz file"),
         (["good.npy", "stats.npz", "--weights", other], r"FID statistics '.*stats.npz' were computed with weights of "
                                                         r"sha256 \w+\.\.\. but the weights in use have"),
         (["good.npy", "bare_stats.npz"], r"FID statistics '.*bare_stats.npz' lack \['count', 'shape', "

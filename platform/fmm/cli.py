@@ -136,12 +136,32 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _data_prepare(args: argparse.Namespace) -> int:
     from fmm.experiment.data import prepare
+    from fmm.experiment.sources import open_source, write_source
 
-    manifest = prepare(args.dataset, args.out, source=args.source, shards=args.shards, samples=args.samples,
-                       seed=args.seed)
-    print(f"wrote {manifest['rows']} samples of shape {manifest['shape']} in {len(manifest['files'])} "
-          f"Parquet shards to {args.out}")
+    if (args.dataset is None) == (args.from_ is None):
+        raise ValueError("fmm data prepare takes a DATASET to read from its original files, or --from SOURCE (an "
+                         "array file, a folder of images, a Parquet table), not both and not neither.")
+    if args.from_ is not None:
+        shape = _shape(args.shape) if args.shape else None
+        manifest = write_source(open_source(args.from_, args.column, args.label_column, shape), args.out,
+                                shards=args.shards, name=args.name)
+    else:
+        manifest = prepare(args.dataset, args.out, source=args.source, shards=args.shards, samples=args.samples,
+                           seed=args.seed)
+    labels = f", {len(manifest['classes'])} classes" if manifest.get("classes") else ""
+    print(f"wrote {manifest['rows']} samples of shape {manifest['shape']} ({manifest['encoding']}{labels}) in "
+          f"{len(manifest['files'])} Parquet shards to {args.out}")
     return 0
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) not in (1, 3) or min(shape) < 1:
+        raise ValueError(f"--shape takes D (vectors) or C,H,W (images) as positive integers; got {text!r}.")
+    return shape
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -292,7 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare datasets as Parquet shards")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     prep = data_sub.add_parser("prepare", help="write a dataset as Parquet shards to a folder or s3:// URI")
-    prep.add_argument("dataset", choices=["flower", "checkerboard", "digits", "fashion_mnist", "cifar10", "imagenet32"])
+    prep.add_argument("dataset", nargs="?", choices=["flower", "checkerboard", "digits", "fashion_mnist", "cifar10",
+                                                     "imagenet32"])
+    prep.add_argument("--from", dest="from_", metavar="SOURCE",
+                      help="your own data instead of DATASET: a .npy/.npz array (vectors, or images NCHW/NHWC, uint8 "
+                           "or float on [-1, 1]), a folder of images (class sub-folders become labels), or a Parquet "
+                           "table (with --column)")
+    prep.add_argument("--column", help="--from a Parquet table: the column holding each sample as a list of numbers")
+    prep.add_argument("--label-column", help="--from a Parquet table: an integer label column")
+    prep.add_argument("--shape", help="--from a Parquet table: the sample shape, D or C,H,W (default: the row width)")
+    prep.add_argument("--name", help="--from: the dataset's name in its manifest (default: the source's name)")
     prep.add_argument("--out", required=True, help="folder or s3://bucket/prefix")
     prep.add_argument("--source", help="folder with the original files (fashion_mnist, cifar10, imagenet32)")
     prep.add_argument("--shards", type=_positive_int, default=4)

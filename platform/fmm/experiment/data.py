@@ -116,27 +116,64 @@ def load(name: str, source: str | None = None, samples: int = 100_000, seed: int
     return Samples(np.concatenate(xs), np.concatenate(ys), (3, 32, 32), "uint8_image")
 
 
-def write_shards(data: Samples, out_uri: str, shards: int, name: str) -> dict:
-    """Write `data` as Parquet shards plus the manifest, the manifest last."""
-    if shards < 1:
-        raise ValueError(f"shards must be a positive integer; got {shards}.")
-    flat = data.x.reshape(len(data.x), -1)
-    width = flat.shape[1]
-    files = []
-    for i, rows in enumerate(np.array_split(np.arange(len(flat)), shards)):
-        values = pa.array(flat[rows].reshape(-1))
-        columns = {"x": pa.FixedSizeListArray.from_arrays(values, width)}
-        if data.labels is not None:
-            columns["label"] = pa.array(data.labels[rows])
+class ShardWriter:
+    """Rows appended in blocks, written as `shards` Parquet shards of `rows / shards` rows each (one shard
+    held in memory at a time), and the manifest last, so a half-written folder never looks complete."""
+
+    def __init__(self, out_uri: str, name: str, shape: tuple[int, ...], encoding: str, rows: int, shards: int,
+                 labelled: bool, **extra):
+        if shards < 1:
+            raise ValueError(f"shards must be a positive integer; got {shards}.")
+        self.out_uri, self.name, self.shape, self.encoding, self.extra = out_uri, name, tuple(shape), encoding, extra
+        self.rows, self.labelled = rows, labelled
+        self.sizes = [len(part) for part in np.array_split(np.arange(rows), shards) if len(part)]
+        self.pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self.held, self.files, self.written = 0, [], 0
+
+    def add(self, x: np.ndarray, labels: np.ndarray | None = None) -> None:
+        self.pending.append((x.reshape(len(x), -1), labels))
+        self.held += len(x)
+        while len(self.files) < len(self.sizes) and self.held >= self.sizes[len(self.files)]:
+            self._flush(self.sizes[len(self.files)])
+
+    def _flush(self, n: int) -> None:
+        flat = np.concatenate([x for x, _ in self.pending])
+        labels = np.concatenate([y for _, y in self.pending]) if self.labelled else None
+        self.pending = [(flat[n:], None if labels is None else labels[n:])]
+        self.held -= n
+        values = pa.array(flat[:n].reshape(-1))
+        columns = {"x": pa.FixedSizeListArray.from_arrays(values, flat.shape[1])}
+        if labels is not None:
+            columns["label"] = pa.array(labels[:n])
         buffer = io.BytesIO()
         pq.write_table(pa.table(columns), buffer)
-        file = f"part-{i:05d}.parquet"
-        storage.write_bytes(storage.join(out_uri, file), buffer.getvalue())
-        files.append({"file": file, "rows": int(len(rows)), "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()})
-    manifest = {"dataset": name, "shape": list(data.shape), "encoding": data.encoding, "rows": int(len(flat)),
-                "files": files}
-    storage.write_bytes(storage.join(out_uri, MANIFEST), json.dumps(manifest, indent=1).encode())
-    return manifest
+        file = f"part-{len(self.files):05d}.parquet"
+        storage.write_bytes(storage.join(self.out_uri, file), buffer.getvalue())
+        self.files.append({"file": file, "rows": int(n), "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()})
+        self.written += n
+
+    def close(self) -> dict:
+        if self.written != self.rows or self.held:
+            raise ValueError(f"{self.out_uri!r}: {self.written + self.held} rows were given for {self.rows}.")
+        manifest = {"dataset": self.name, "shape": list(self.shape), "encoding": self.encoding, "rows": self.rows,
+                    "files": self.files, **self.extra}
+        storage.write_bytes(storage.join(self.out_uri, MANIFEST), json.dumps(manifest, indent=1).encode())
+        return manifest
+
+
+def write_shards(data: Samples, out_uri: str, shards: int, name: str) -> dict:
+    """Write `data` as Parquet shards plus the manifest, the manifest last."""
+    writer = ShardWriter(out_uri, name, data.shape, data.encoding, len(data.x), shards, data.labels is not None)
+    writer.add(data.x, data.labels)
+    return writer.close()
+
+
+def columns(uri: str) -> list[str]:
+    """The columns of a prepared dataset's shards (x, and label when it has labels)."""
+    manifest = read_manifest(uri)
+    fs, base = storage.filesystem(uri)
+    with fs.open_input_file(f"{base.rstrip('/')}/{manifest['files'][0]['file']}") as f:
+        return pq.ParquetFile(f).schema_arrow.names
 
 
 def prepare(name: str, out_uri: str, *, source: str | None = None, shards: int = 4, samples: int = 100_000,
