@@ -1,10 +1,14 @@
 """Datasets as Parquet shards on local disk or S3: preparation from the original files, and reading
 one part per worker.
 
-`prepare(name, out_uri)` writes `part-NNNNN.parquet` shards and, last, a `_manifest.json` naming
-them, so a half-written folder never looks complete. Each row holds one sample, flattened in a
+`prepare(name, out_uri)` writes `part-NNNNN.parquet` shards (ShardWriter: one shard in memory at a
+time, row groups of about 1 MB) and, last, a `_manifest.json` naming them with their row counts and
+sha256, so a half-written folder never looks complete. Each row holds one sample, flattened in a
 fixed-size list column `x` (uint8 for images, float32 for vectors) and an optional `label`; the
-manifest records the sample shape and the encoding. Images are mapped to [-1, 1] when read.
+manifest records the sample shape and the encoding. Images stay uint8 until a batch is drawn and
+are mapped to [-1, 1] then. A worker holds its part in memory up to `data.buffer_rows` rows and
+streams a larger one through a shuffle buffer (RowStream); `iter_rows` reads a whole dataset in
+order, a block at a time (FID statistics). Your own data: fmm.experiment.sources.
 
 Sources (nothing is downloaded; a missing file is an error naming the path to fill):
 - flower, checkerboard: exact samples of the toy targets (fmm.groundtruth);
@@ -146,7 +150,8 @@ class ShardWriter:
         if labels is not None:
             columns["label"] = pa.array(labels[:n])
         buffer = io.BytesIO()
-        pq.write_table(pa.table(columns), buffer)
+        row_bytes = flat.shape[1] * flat.dtype.itemsize  # row groups of about 1 MB: what a stream reads at once
+        pq.write_table(pa.table(columns), buffer, row_group_size=max(256, (1 << 20) // max(1, row_bytes)))
         file = f"part-{len(self.files):05d}.parquet"
         storage.write_bytes(storage.join(self.out_uri, file), buffer.getvalue())
         self.files.append({"file": file, "rows": int(n), "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()})
@@ -247,12 +252,16 @@ def _read_rows(uri: str, column: str, rank: int, world: int) -> tuple[np.ndarray
     return (rows if by_shard else rows[rank::world]), manifest
 
 
+def decode(rows: np.ndarray, manifest: dict) -> torch.Tensor:
+    """Stored rows [n, width] as float32 samples in model space ([-1, 1] for uint8 images)."""
+    x = torch.from_numpy(np.ascontiguousarray(rows)).reshape(-1, *manifest["shape"])
+    return x.float() / 127.5 - 1 if manifest["encoding"] == "uint8_image" else x.float()
+
+
 def read_part(uri: str, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, dict]:
     """This worker's part of the shards, decoded to float32 model space ([-1, 1] for images)."""
     flat, manifest = _read_rows(uri, "x", rank, world)
-    x = torch.from_numpy(np.ascontiguousarray(flat)).reshape(-1, *manifest["shape"])
-    x = x.float() / 127.5 - 1 if manifest["encoding"] == "uint8_image" else x.float()
-    return x, manifest
+    return decode(flat, manifest), manifest
 
 
 def read_labels(uri: str, rank: int = 0, world: int = 1) -> torch.Tensor:
@@ -260,20 +269,91 @@ def read_labels(uri: str, rank: int = 0, world: int = 1) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(_read_rows(uri, "label", rank, world)[0])).long()
 
 
-class DataSource:
-    """Random batches from one worker's part of the Parquet shards, or exact draws of a toy target."""
+class RowStream:
+    """This worker's rows, streamed through a shuffle buffer of `capacity` rows kept as stored (uint8
+    for images): a batch draws distinct slots of the buffer uniformly, and each drawn slot is refilled
+    with the next row of the stream. The stream visits this worker's row groups (shards dealt round-robin as in
+    `read_part`; every world-th row when there are fewer shards than workers) in a new seeded order on
+    every pass, reading 1024 rows at a time. Memory: the buffer and one read, whatever the dataset's
+    size."""
 
-    def __init__(self, target: str | None, path: str | None, rank: int, world: int, seed: int):
+    def __init__(self, uri: str, rank: int, world: int, capacity: int, generator: torch.Generator):
+        self.manifest = read_manifest(uri)
+        self.generator = generator
+        self.fs, self.base = storage.filesystem(uri)
+        files = [f["file"] for f in self.manifest["files"]]
+        self.by_shard = len(files) >= world
+        self.rank, self.world = rank, world
+        self.units = []  # (file, row group, index of its first row in the dataset)
+        offset = 0
+        for entry in self.manifest["files"]:
+            with self.fs.open_input_file(self._path(entry["file"])) as f:
+                meta = pq.ParquetFile(f).metadata
+            if not self.by_shard or files.index(entry["file"]) % world == rank:
+                for g in range(meta.num_row_groups):
+                    self.units.append((entry["file"], g, offset))
+                    offset += meta.row_group(g).num_rows
+            else:
+                offset += entry["rows"]
+        self.rows = self._stream()
+        self.buffer = np.concatenate([next(self.rows) for _ in range(capacity)]) if capacity else None
+
+    def _path(self, file: str) -> str:
+        return f"{self.base.rstrip('/')}/{file}"
+
+    def _stream(self):
+        """Rows one by one (as [1, width] arrays, batched below), pass after pass."""
+        while True:
+            order = torch.randperm(len(self.units), generator=self.generator).tolist()
+            for i in order:
+                file, group, first = self.units[i]
+                with self.fs.open_input_file(self._path(file)) as f:
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, row_groups=[group], columns=["x"]):
+                        rows = batch.column(0).values.to_numpy(zero_copy_only=False).reshape(len(batch), -1)
+                        if not self.by_shard:
+                            index = first + np.arange(len(rows))
+                            rows = rows[index % self.world == self.rank]
+                            first += len(batch)
+                        yield from np.split(rows, len(rows)) if len(rows) else ()
+
+    def batch(self, n: int) -> torch.Tensor:
+        """n rows, drawn from distinct slots (at most `capacity` at a time), so that every row that enters
+        the buffer leaves it in exactly one batch: each pass over the stream yields every row once."""
+        out = []
+        while n > 0:
+            slots = torch.randperm(len(self.buffer), generator=self.generator)[:n].numpy()
+            out.append(self.buffer[slots])
+            for slot in slots:
+                self.buffer[slot] = next(self.rows)[0]
+            n -= len(slots)
+        return decode(np.concatenate(out), self.manifest)
+
+
+class DataSource:
+    """Random batches from one worker's part of the Parquet shards, or exact draws of a toy target. A
+    part of at most `buffer_rows` rows is held in memory as stored (uint8 for images) and sampled
+    uniformly; a larger one is streamed (RowStream), so memory does not grow with the dataset."""
+
+    def __init__(self, target: str | None, path: str | None, rank: int, world: int, seed: int,
+                 buffer_rows: int = 65536):
         self.generator = torch.Generator().manual_seed(seed)
+        self.target = self.rows = self.stream = None
         if target is not None:
-            self.target, self.x = make_target(target), None
+            self.target = make_target(target)
             self.shape: tuple[int, ...] = (self.target.dim,)
+            return
+        self.manifest = read_manifest(path)
+        self.shape = tuple(self.manifest["shape"])
+        files = self.manifest["files"]
+        mine = sum(f["rows"] for f in files[rank::world]) if len(files) >= world else self.manifest["rows"] // world
+        if mine <= buffer_rows:
+            self.rows = _read_rows(path, "x", rank, world)[0]
         else:
-            self.target = None
-            self.x, manifest = read_part(path, rank, world)
-            self.shape = tuple(manifest["shape"])
+            self.stream = RowStream(path, rank, world, buffer_rows, self.generator)
 
     def batch(self, n: int) -> torch.Tensor:
         if self.target is not None:
             return self.target.sample(n, self.generator).float()
-        return self.x[torch.randint(len(self.x), (n,), generator=self.generator)]
+        if self.stream is not None:
+            return self.stream.batch(n)
+        return decode(self.rows[torch.randint(len(self.rows), (n,), generator=self.generator).numpy()], self.manifest)

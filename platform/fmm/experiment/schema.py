@@ -34,6 +34,9 @@ from fmm.infra.storage import refuse_credentials
 class DataConfig(StrictModel):
     target: str | None = None
     path: str | None = None
+    # A worker holds its part of the shards in memory up to this many rows (uint8 for images); a larger
+    # part is streamed through a shuffle buffer of this many rows (fmm.experiment.data.RowStream).
+    buffer_rows: int = Field(65536, ge=256, le=10**8)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
