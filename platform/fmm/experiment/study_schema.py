@@ -99,6 +99,17 @@ class EvaluationSpec(StrictModel):
     fid_samples: int | None = Field(None, ge=10, le=10**7)
     fid_stats: str | None = None
     fid_weights: str | None = None
+    # Where each member's evaluation runs: unset, in the study's driver (a laptop); else a Ray task that
+    # requests these resources ({GPU: 1, CPU: 8}; memory in bytes; other keys custom resources), the
+    # model and the FID network on its GPU when it has one. Members are evaluated side by side.
+    resources: dict[str, float] | None = None
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, resources: dict[str, float] | None) -> dict[str, float] | None:
+        if resources is not None and (not resources or any(not v > 0 for v in resources.values())):
+            raise ValueError(f"resources are positive amounts by name, e.g. {{GPU: 1, CPU: 8}}; got {resources}")
+        return resources
 
     @field_validator("steps")
     @classmethod

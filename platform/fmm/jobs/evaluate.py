@@ -20,15 +20,33 @@ import tempfile
 import warnings
 
 import matplotlib.pyplot as plt
+import ray
 
 from fmm.checkpoint import read_flow_map
+from fmm.evaluation.fid import usable_device
 from fmm.evaluation.figures import quality_figure, sample_figure
-from fmm.evaluation.protocol import Protocol, Report, Row, build_protocol, evaluate_map
+from fmm.evaluation.protocol import Protocol, Report, Row, build_protocol, device_of, evaluate_map
 from fmm.experiment.builders import build_interpolant, build_objective, build_teacher
 from fmm.experiment.schema import ExperimentConfig
 from fmm.experiment.teachers import fetch_checkpoint, load_trained, on_path
 from fmm.flowmap import FlowMap, ModelVelocity, VelocityField
 from fmm.infra.tracking import RunLogger
+
+
+def on_device(velocity, device) -> None:
+    """A network velocity (ModelVelocity, or one moved between paths) onto `device`."""
+    inner = getattr(velocity, "velocity", velocity)
+    if hasattr(inner, "to"):
+        inner.to(device)
+
+
+def where() -> dict[str, str]:
+    """Where an evaluation ran, as MLflow tags: the Ray node and whether in a Ray task or the driver."""
+    if ray.is_initialized():
+        context = ray.get_runtime_context()
+        return {"eval_node": context.get_node_id(), "eval_worker": "task" if context.worker.mode == ray.WORKER_MODE
+                else "driver"}
+    return {"eval_node": "local", "eval_worker": "driver"}
 
 
 def parse_steps(text: str) -> list[int]:
@@ -99,7 +117,8 @@ def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps
                             "speedup/wallclock_ratio": summary["wallclock_ratio"],
                             "speedup/resolved": float(summary["resolved"])}, step=0)
     logger.set_tags({"eval_sampler": report.sampler, "eval_metric": report.primary, "eval_samples": report.samples,
-                     "eval_sets": report.sets, **report.provenance,
+                     "eval_sets": report.sets, **report.provenance, **where(),
+                     "eval_device": str(device_of(model)) if model is not None else "cpu",
                      **({"eval_note": report.note} if report.note else {})})
     log_floors(logger, report)
     logger.flush()
@@ -153,10 +172,13 @@ def own_teacher(model: FlowMap, exp: ExperimentConfig, protocol: Protocol,
 def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 0, metrics_wanted=None,
              teacher_max_nfe: int = 256, log_mlflow: bool = True, log=print, with_teacher: bool = True,
              teacher_path: str | None = None, sets: int = 1, fid_reference: str = "train",
-             fid_stats: str | None = None, fid_weights: str | None = None) -> Report:
-    """Score the run (or flow-map file) at `source` by the protocol, logging into its MLflow run if it has one."""
+             fid_stats: str | None = None, fid_weights: str | None = None, device: str = "cpu") -> Report:
+    """Score the run (or flow-map file) at `source` by the protocol on `device` (the flow map, a network
+    teacher and the FID network; a closed-form velocity stays on the CPU in float64), logging into its
+    MLflow run if it has one."""
+    device = usable_device(device)
     model, exp, record = load_trained(source)
-    model.eval()
+    model.to(device).eval()
     if exp is None:
         raise ValueError(f"{source!r} carries no experiment config: evaluate a training run or a final.pt it wrote.")
     interpolant = build_interpolant(exp)
@@ -164,8 +186,10 @@ def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 
         metrics_wanted = ["sw2", "energy", "mmd", "w2_exact", "rmse_vs_ode"]
     protocol = build_protocol(exp, interpolant, tuple(model.sample_shape), samples, seed, metrics_wanted, log,
                               sets=sets, fid_reference=fid_reference, fid_stats=fid_stats,
-                              fid_weights=fid_weights)
+                              fid_weights=fid_weights, device=device)
     teacher, note = own_teacher(model, exp, protocol, teacher_path) if with_teacher else (None, "")
+    if teacher is not None and teacher is not protocol.exact:
+        on_device(teacher, device)
     report, sampler = evaluate_map(model, exp, interpolant, protocol, steps, seed=seed, teacher=teacher,
                                    teacher_max_nfe=teacher_max_nfe, log=log)
     report.note = note

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
+import torch
 
 from fmm.checkpoint import load_flow_map
 from fmm.evaluation import fid
@@ -40,9 +41,10 @@ from fmm.experiment.data import read_manifest
 from fmm.experiment.builders import build_interpolant
 from fmm.experiment.checks import check_environment
 from fmm.experiment.schema import ExperimentConfig
-from fmm.experiment.study_schema import Member, StudyConfig, StudyPlan, member_sweep, plan_study
+from fmm.experiment.study_schema import EvaluationSpec, Member, StudyConfig, StudyPlan, member_sweep, plan_study
 from fmm.experiment.teachers import fetch_checkpoint, load_trained
 from fmm.flowmap import ModelVelocity, VelocityField
+from fmm.groundtruth import ExactVelocity, make_target
 from fmm.infra import storage, tracking
 from fmm.infra.records import RUN_RECORD, STUDY_RECORD, SWEEP_RECORD, claim, open_record, read_record
 from fmm.infra.tracking import RunLogger
@@ -92,7 +94,18 @@ def cluster_width(plan: StudyPlan) -> int:
     width = min(check_resources(m.exp, resources, limit, types) for m in plan.methods)
     if plan.teacher is not None:
         check_resources(plan.teacher.exp, resources, 1, types)
+    shapes = [res for _, res, _ in types] if types else [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    check_evaluation_fits(plan.study.evaluation.resources, shapes, "node type" if types else "node")
     return width
+
+
+def check_evaluation_fits(wanted: dict[str, float] | None, shapes: list[dict[str, float]], kind: str) -> None:
+    """An evaluation task that no node (type) can hold would wait for ever: refused before training."""
+    if wanted is not None and not any(all(res.get(k, 0.0) >= v for k, v in wanted.items()) for res in shapes):
+        offered = "; ".join(str({k: v for k, v in res.items() if k in ("CPU", "GPU") or k in wanted})
+                            for res in shapes)
+        raise ValueError(f"evaluation.resources {wanted}: no {kind} of this cluster holds that much ({offered}); "
+                         f"lower it or add a {kind} that does.")
 
 
 def train_member(exp_dump: dict[str, Any], parent_run_id: str, tags: dict[str, str], resume: bool) -> str:
@@ -113,41 +126,96 @@ def member_status(exp: ExperimentConfig, uri: str) -> tuple[str, str | None]:
     return ("finished" if status == "FINISHED" else "interrupted"), run_id
 
 
+def study_protocol(exp: ExperimentConfig, spec: EvaluationSpec, shape: tuple[int, ...], log=print,
+                   device=None) -> Protocol:
+    """The study's protocol for a member's interpolant (its noise is scaled by sigma0 and its reference
+    map follows the schedule)."""
+    return build_protocol(exp, build_interpolant(exp), shape, spec.samples, spec.seed, spec.metrics, log,
+                          sets=spec.sets, fid_reference=spec.fid_reference, fid_samples=spec.fid_samples,
+                          fid_stats=spec.fid_stats, fid_weights=spec.fid_weights, device=device)
+
+
+def evaluation_device() -> str:
+    """CUDA when this process has a GPU (a Ray task given one sees it), else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def score_method(run_id: str, uri: str, spec: EvaluationSpec, shape: tuple[int, ...],
+                 protocol: Protocol | None = None) -> Report:
+    """A method's final EMA map sampled by its authors' sampler at each step count and scored by the
+    study's protocol, on this process's device, logged into its run (with where it ran)."""
+    device = evaluation_device()
+    model, exp, _ = load_trained(f"runs:/{run_id}/checkpoints/final.pt", uri)
+    model.to(device).eval()
+    interpolant = build_interpolant(exp)
+    protocol = protocol or study_protocol(exp, spec, shape, lambda *_: None, device)
+    report, sampler = evaluate_map(model, exp, interpolant, protocol, spec.steps, seed=spec.seed,
+                                   log=lambda *_: None, progress=False)
+    log_report(report, uri, run_id, model=model, steps=spec.steps, sampler=sampler, sigma0=interpolant.sigma0)
+    return report
+
+
+def score_teacher(run_id: str, uri: str, spec: EvaluationSpec, shape: tuple[int, ...],
+                  protocol: Protocol | None = None) -> Report:
+    """The trained teacher's ODE solvers on the study's protocol, on this process's device, into its run."""
+    device = evaluation_device()
+    model, exp, _ = load_trained(f"runs:/{run_id}/checkpoints/final.pt", uri)
+    model.to(device)
+    protocol = protocol or study_protocol(exp, spec, shape, lambda *_: None, device)
+    report = run_sets(None, ModelVelocity(model), protocol, [], spec.teacher_max_nfe, log=lambda *_: None,
+                      progress=False)
+    log_report(report, uri, run_id, model=model)
+    return report
+
+
+def ray_options(resources: dict[str, float]) -> dict[str, Any]:
+    """evaluation.resources as Ray task options: CPU, GPU and memory (bytes) by name, any other key a
+    custom resource."""
+    custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
+    return {"num_cpus": resources.get("CPU", 1), "num_gpus": resources.get("GPU", 0), "max_retries": 0,
+            **({"memory": resources["memory"]} if "memory" in resources else {}),
+            **({"resources": custom} if custom else {})}
+
+
 class Evaluation:
-    """The study's one protocol (per interpolant: the noise is scaled by sigma0 and the reference map
-    follows the schedule), applied to each member and logged into its run."""
+    """The study's one protocol applied to each member and logged into its run: in the study's driver
+    (evaluation.resources unset: a laptop), or as Ray tasks that request evaluation.resources (e.g. a
+    GPU), side by side as the cluster holds them, each loading its model and data where it runs."""
 
     def __init__(self, plan: StudyPlan, log=print):
         self.spec, self.uri, self.shape, self.log = plan.study.evaluation, plan.tracking_uri, plan.shape, log
         self.protocols: dict[str, Protocol] = {}
 
     def protocol(self, exp: ExperimentConfig) -> Protocol:
+        """The protocol in the driver, built once per interpolant."""
         key = exp.interpolant.model_dump_json()
         if key not in self.protocols:
-            spec = self.spec
-            self.protocols[key] = build_protocol(exp, build_interpolant(exp), self.shape, spec.samples, spec.seed,
-                                                 spec.metrics, self.log, sets=spec.sets,
-                                                 fid_reference=spec.fid_reference, fid_samples=spec.fid_samples,
-                                                 fid_stats=spec.fid_stats, fid_weights=spec.fid_weights)
+            self.protocols[key] = study_protocol(exp, self.spec, self.shape, self.log)
         return self.protocols[key]
 
     def solvers(self, velocity: VelocityField, exp: ExperimentConfig) -> Report:
-        """The ODE solvers of `fmm evaluate` on `velocity`, on every evaluation set."""
+        """The ODE solvers of `fmm evaluate` on `velocity`, on every evaluation set, in the driver."""
         return run_sets(None, velocity, self.protocol(exp), [], self.spec.teacher_max_nfe, log=lambda *_: None,
                         progress=False)
 
-    def method(self, label: str, run_id: str) -> Report:
-        """The method's final EMA map, sampled by its authors' sampler at each step count."""
-        model, exp, _ = load_trained(f"runs:/{run_id}/checkpoints/final.pt", self.uri)
-        model.eval()
-        interpolant = build_interpolant(exp)
-        report, sampler = evaluate_map(model, exp, interpolant, self.protocol(exp), self.spec.steps,
-                                       seed=self.spec.seed, log=lambda *_: None, progress=False)
-        log_report(report, self.uri, run_id, model=model, steps=self.spec.steps, sampler=sampler,
-                   sigma0=interpolant.sigma0)
+    def run(self, fn, jobs: list[tuple[Any, str, ExperimentConfig]]):
+        """`fn(run_id, ...)` (score_method or score_teacher) for each (key, run id, experiment): yields
+        (key, report) as each finishes, one after another in the driver, or as Ray tasks side by side."""
+        if self.spec.resources is None:
+            for key, run_id, exp in jobs:
+                yield key, fn(run_id, self.uri, self.spec, self.shape, self.protocol(exp))
+            return
+        task = ray.remote(**ray_options(self.spec.resources))(fn)
+        pending = {task.remote(run_id, self.uri, self.spec, self.shape): key for key, run_id, _ in jobs}
+        if pending:
+            self.log(f"[fmm] evaluating {len(pending)} run(s) as Ray tasks with {self.spec.resources}")
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            yield pending.pop(done[0]), ray.get(done[0])
+
+    def logged(self, label: str, report: Report) -> None:
         scores = ", ".join(f"{r.steps}: {r.estimate(report.primary).text()}" for r in report.rows)
         self.log(f"[fmm] evaluated {label} ({report.sampler} sampler), {report.primary} by steps: {scores}")
-        return report
 
     def seeds(self, label: str, member_run: str, seed_reports: list[dict]) -> None:
         """A method trained at several seeds: the mean and interval over its seeds x sets, into its run."""
@@ -305,19 +373,21 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
             evaluated.append(part)
             record.save()
 
+        spec = study.evaluation
+        if spec.resources is not None:
+            concurrency()  # the evaluation tasks need Ray
         if "teacher" not in evaluated and plan.teacher is not None:
-            model, _, _ = load_trained(f"runs:/{members['teacher']}/checkpoints/final.pt", uri)
-            report = evaluation.solvers(ModelVelocity(model), plan.teacher.exp)
-            log_report(report, uri, members["teacher"])
-            done("teacher")
-            log(f"[fmm] evaluated the teacher's ODE solvers ({len(report.rows)} runs)")
+            for _, report in evaluation.run(score_teacher, [("teacher", members["teacher"], plan.teacher.exp)]):
+                done("teacher")
+                log(f"[fmm] evaluated the teacher's ODE solvers ({len(report.rows)} runs)")
         elif "teacher" not in evaluated and study.teacher.checkpoint is not None:
             model = load_flow_map(fetch_checkpoint(study.teacher.checkpoint, uri))
             logger = RunLogger(uri, parent)
             log_rows(logger, evaluation.solvers(ModelVelocity(model), first).rows, "teacher")
             logger.flush()
             done("teacher")
-        exact = evaluation.protocol(first).exact
+        exact = (ExactVelocity(make_target(first.data.target), build_interpolant(first))
+                 if first.data.target is not None else None)
         if "exact" not in evaluated and exact is not None:
             report = evaluation.solvers(exact, first)
             logger = RunLogger(uri, parent)
@@ -326,24 +396,32 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
             logger.flush()
             done("exact")
             log(f"[fmm] evaluated the exact velocity's ODE solvers ({len(report.rows)} runs)")
+        jobs = []  # ((label, seed or None), run id, experiment): every score still to log
         for member in plan.methods:
             if member.label not in members or member.label in evaluated:
                 continue
             if member.label not in seed_runs:
-                evaluation.method(member.label, members[member.label])
-            else:
-                scores = seed_scores.setdefault(member.label, {})
-                seeds = sorted(map(int, seed_runs[member.label]))
-                for seed in seeds:
-                    if str(seed) not in scores:
-                        report = evaluation.method(f"{member.label} seed {seed}", seed_runs[member.label][str(seed)])
-                        scores[str(seed)] = {"primary": report.primary, "samples": report.samples,
-                                             "sampler": report.sampler, "rows": [asdict(r) for r in report.rows],
-                                             "provenance": report.provenance}
-                        record.save()
-                evaluation.seeds(member.label, members[member.label], [scores[str(s)] for s in seeds])
-            done(member.label)
-        primary = evaluation.protocol(first).scorer.primary
+                jobs.append(((member.label, None), members[member.label], member.exp))
+                continue
+            scores = seed_scores.setdefault(member.label, {})
+            jobs += [((member.label, seed), run_id, member.exp) for seed, run_id in sorted(
+                seed_runs[member.label].items(), key=lambda kv: int(kv[0])) if seed not in scores]
+        for (label, seed), report in evaluation.run(score_method, jobs):
+            evaluation.logged(label if seed is None else f"{label} seed {seed}", report)
+            if seed is None:
+                done(label)
+                continue
+            seed_scores[label][seed] = {"primary": report.primary, "samples": report.samples,
+                                        "sampler": report.sampler, "rows": [asdict(r) for r in report.rows],
+                                        "provenance": report.provenance}
+            record.save()
+        for member in plan.methods:  # a method at several seeds: its cells over seeds x sets, once all are scored
+            if member.label in seed_runs and member.label in members and member.label not in evaluated:
+                scores = seed_scores[member.label]
+                evaluation.seeds(member.label, members[member.label],
+                                 [scores[s] for s in sorted(scores, key=int)])
+                done(member.label)
+        primary = (study.evaluation.metrics or ["fid" if len(plan.shape) == 3 else "sw2"])[0]
         tracking.set_tags(uri, parent, {"eval_metric": primary, "eval_samples": str(study.evaluation.samples),
                                         "eval_sets": str(study.evaluation.sets),
                                         "failed_members": ",".join(sorted(failures))})
