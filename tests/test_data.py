@@ -172,7 +172,7 @@ def test_your_own_arrays_image_folders_and_parquet_tables_become_the_same_shards
             assert [manifest["classes"][k] for k in labels] == [f"c{k}" for k in y[order]]
         else:
             assert torch.equal(images, torch.from_numpy(x).float() / 127.5 - 1) and labels.tolist() == y.tolist()
-        assert f"wrote 90 samples of shape [1, 8, 8] (uint8_image" in out
+        assert "wrote 90 samples of shape [1, 8, 8] (uint8_image" in out
     code, out, err = prepare_from(capsys, "--from", tmp_path / "points.npy", "--out", tmp_path / "points")
     assert code == 0, err
     points, manifest = read_part(str(tmp_path / "points"))
