@@ -311,7 +311,7 @@ def dataset_statistics(extractor: InceptionFeatures, data_uri: str, cache_uri: s
     scale = manifest["encoding"] == "uint8_image"
     batches = (torch.from_numpy(block).reshape(-1, *manifest["shape"]).float().div(127.5 if scale else 1.0)
                .sub(1.0 if scale else 0.0) for block in iter_rows(data_uri, rows))
-    stats = extractor.statistics(batches, source=data_uri)
+    stats = extractor.statistics(batches, source=data_uri, progress=True, total=-(-int(manifest["rows"]) // rows))
     stats.key = key
     stats.save(path)
     return stats

@@ -118,7 +118,7 @@ class Scorer:
             self.extractor = extractor or fid.InceptionFeatures(device="cuda" if torch.cuda.is_available() else "cpu")
             if fid_reference is None:  # the reference subset's statistics
                 fid_reference = self.extractor.statistics(_batches(reference), f"a subset of {len(reference)} rows",
-                                                          progress=True)
+                                                          progress=True, total=-(-len(reference) // 64))
                 fid_reference.key = f"subset-n{len(reference)}"
             self.fid_reference = fid_reference
             self.provenance = fid_reference.provenance()
@@ -135,7 +135,8 @@ class Scorer:
         if self.is_image:
             out = {}
             if "fid" in self.wanted:
-                generated = self.extractor.statistics(_batches(x.float()), "generated samples", progress=True)
+                generated = self.extractor.statistics(_batches(x.float()), "generated samples", progress=True,
+                                                      total=-(-len(x) // 64))
                 out["fid"] = generated.distance(self.fid_reference)
             if "fd_classifier" in self.wanted:
                 out["fd_classifier"] = self.classifier.distance(x.float(), self.reference.float())
