@@ -295,14 +295,14 @@ class RowStream:
                     offset += meta.row_group(g).num_rows
             else:
                 offset += entry["rows"]
-        self.rows = self._stream()
-        self.buffer = np.concatenate([next(self.rows) for _ in range(capacity)]) if capacity else None
+        self.blocks, self.block = self._stream(), np.empty((0, 0))
+        self.buffer = self.take(capacity)
 
     def _path(self, file: str) -> str:
         return f"{self.base.rstrip('/')}/{file}"
 
     def _stream(self):
-        """Rows one by one (as [1, width] arrays, batched below), pass after pass."""
+        """Blocks of up to 1024 rows, pass after pass over this worker's row groups in a new order."""
         while True:
             order = torch.randperm(len(self.units), generator=self.generator).tolist()
             for i in order:
@@ -314,7 +314,18 @@ class RowStream:
                             index = first + np.arange(len(rows))
                             rows = rows[index % self.world == self.rank]
                             first += len(batch)
-                        yield from np.split(rows, len(rows)) if len(rows) else ()
+                        if len(rows):
+                            yield rows
+
+    def take(self, k: int) -> np.ndarray:
+        """The next k rows of the stream."""
+        parts = []
+        while k > 0:
+            if not len(self.block):
+                self.block = next(self.blocks)
+            parts.append(self.block[:k])
+            self.block, k = self.block[k:], k - len(parts[-1])
+        return np.concatenate(parts)
 
     def batch(self, n: int) -> torch.Tensor:
         """n rows, drawn from distinct slots (at most `capacity` at a time), so that every row that enters
@@ -323,8 +334,7 @@ class RowStream:
         while n > 0:
             slots = torch.randperm(len(self.buffer), generator=self.generator)[:n].numpy()
             out.append(self.buffer[slots])
-            for slot in slots:
-                self.buffer[slot] = next(self.rows)[0]
+            self.buffer[slots] = self.take(len(slots))
             n -= len(slots)
         return decode(np.concatenate(out), self.manifest)
 
