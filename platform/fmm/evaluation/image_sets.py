@@ -51,9 +51,10 @@ def open_set(path: str) -> ImageSet | Statistics:
     if path.endswith(".npz"):
         if not storage.is_remote(path) and not os.path.isfile(path):
             raise ValueError(f"no file at {path!r}.")
-        data = storage.read_bytes(path)
-        try:
-            with np.load(io.BytesIO(data)) as stored:
+        local = not storage.is_remote(path)
+        data = None if local else storage.read_bytes(path)
+        try:  # an .npz opens lazily: listing its arrays reads none of them
+            with np.load(path if local else io.BytesIO(data)) as stored:
                 statistics = "mu" in stored.files and "sigma" in stored.files
         except (OSError, ValueError, zipfile.BadZipFile):
             statistics = False  # open_source says what is wrong with it
