@@ -10,7 +10,7 @@ import time
 import pytest
 
 from support.flaky_s3 import FlakyS3
-from support.ray_ports import free_port
+from support.ray_ports import free_port, kill_node, start_worker_node
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -54,12 +54,24 @@ def s3_server():
 def ray_cluster(s3_server):
     import ray
 
-    # One logical GPU (Ray accepts them on a CPU machine): tasks that ask for a GPU are scheduled here and find
-    # no CUDA, as the study's evaluation test checks.
-    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,
              ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def gpu_node(ray_cluster):
+    """A second node joined to the session's cluster that declares one logical GPU (Ray accepts them on a
+    CPU machine), the head declaring none: work that asks for a GPU must be scheduled there, and finds no
+    CUDA. Yields the node's id."""
+    port = start_worker_node(ray_cluster.get_runtime_context().gcs_address, dict(os.environ), cpus=1, gpus=1)
+    deadline = time.time() + 60
+    while not (nodes := [n for n in ray_cluster.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) >= 1]):
+        assert time.time() < deadline, "the GPU node did not join"
+        time.sleep(0.2)
+    yield nodes[0]["NodeID"]
+    kill_node(port)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from fmm.jobs.train import run_training
 from fmm.training import train_step, trainable_parameters
 
 from support.experiments import experiment
-from support.ray_ports import free_port, stop_ray_under
+from support.ray_ports import RAY, free_port, kill_node, own_ports, start_worker_node, stop_ray_under
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,51 +122,22 @@ def test_credentials_in_the_environment_never_reach_mlflow_records_checkpoints_o
 
 # -- a lost worker ----------------------------------------------------------------------------------------
 
-def processes_titled(title: str) -> list[int]:
-    """PIDs of the live processes whose title (Ray names its worker processes) starts with `title`."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read().startswith(title.encode()):
-                    pids.append(int(pid))
-        except OSError:
-            continue
-    return pids
-
-
 @pytest.mark.slow
 def test_a_worker_killed_with_sigkill_restarts_from_the_last_checkpoint_in_the_same_mlflow_run(ray_cluster,
                                                                                              tmp_path):
-    exp = experiment(tmp_path, name="killed", network={"name": "mlp", "dim": 2, "width": 256, "depth": 3},
-                     train={"steps": 150, "batch_size": 1024, "checkpoint_every": 50, "log_every": 10},
+    """The worker SIGKILLs its own process at step 120 (train.debug.kill_at_step): no exception and no
+    clean-up in it, as the OOM killer leaves a worker. Ray Train starts a new one, which resumes from the
+    checkpoint at step 100."""
+    exp = experiment(tmp_path, name="killed", train={"steps": 150, "batch_size": 128, "checkpoint_every": 50,
+                                                     "log_every": 10, "debug": {"kill_at_step": 120}},
                      scaling={"num_workers": 1, "cpus_per_worker": 1, "max_failures": 1})
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    killed = []
-
-    def kill_after_the_checkpoint_at_100():
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            time.sleep(0.2)
-            try:
-                runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
-            except Exception:  # the store or the run may not exist yet
-                continue
-            if runs and runs[0].data.tags.get("checkpoint_latest", "").endswith("step_00000100"):
-                victims = [pid for pid in processes_titled("ray::RayTrainWorker")]
-                for pid in victims:
-                    os.kill(pid, signal.SIGKILL)
-                killed.extend(victims or [None])
-
-    killer = threading.Thread(target=kill_after_the_checkpoint_at_100, daemon=True)
-    killer.start()
     result = run_training(exp, log=lambda *_: None)
-    killer.join(10)
-    assert killed and killed[0] is not None
     assert result.return_value["step"] == 150
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same MLflow run, continued
     assert runs[0].data.tags["restored_from"].endswith("step_00000100")  # the new worker resumed there
+    assert runs[0].data.params["train.debug.kill_at_step"] == "120"
     steps = [s for s, _ in history(client, runs[0].info.run_id, "train/loss")]
     assert steps == list(range(10, 151, 10))  # no gap and no step logged twice
 
@@ -251,54 +221,6 @@ def test_transient_s3_errors_are_retried_and_a_refusal_stops_the_run_clearly_wit
 
 
 # -- a lost node ------------------------------------------------------------------------------------------
-
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the CLI installed beside this interpreter
-
-
-def own_ports() -> list[str]:
-    """Every port a Ray node opens, chosen here, so that another Ray on this machine cannot hold one."""
-
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-            f"--object-manager-port={free_port()}"]
-
-
-def start_worker_node(address: str, env: dict) -> int:
-    """A second raylet joined to the head (one CPU); returns its node-manager port, which names it."""
-
-    port = free_port()
-    out = subprocess.run([RAY, "start", f"--address={address}", "--num-cpus=1", f"--node-manager-port={port}",
-                          "--disable-usage-stats", *own_ports()], capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return port
-
-
-def kill_node(node_manager_port: int) -> int:
-    """SIGKILL a node's raylet and every process under it (its workers and agents): a lost machine."""
-    parents = {}
-    raylets = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f"--node_manager_port={node_manager_port}".encode() in f.read():
-                    raylets.append(int(pid))
-        except OSError:
-            continue
-    doomed = set(raylets)
-    while True:
-        more = {pid for pid, parent in parents.items() if parent in doomed} - doomed
-        if not more:
-            break
-        doomed |= more
-    for pid in doomed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    return len(raylets)
-
 
 @pytest.mark.slow
 def test_a_lost_node_is_survived_elastically_or_by_waiting_for_a_node_to_return(tmp_path):

@@ -261,7 +261,7 @@ def rest(url: str, path: str, **query) -> dict:
 @pytest.mark.slow
 def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_compare_prints_it(tmp_path,
                                                                                                mlflow_server,
-                                                                                               ray_cluster):
+                                                                                               ray_cluster, gpu_node):
     """`fmm study` end to end at three evaluation sets: a trained teacher, a distilled member, a
     self-distillation member swept whose best trial's configuration is trained again at the study's
     seed (`reseed`, its run nested under the method's run); the study's table, `fmm compare`'s table
@@ -297,14 +297,16 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
     assert len(sweeps) == 1 and sweeps[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
     runs = members(client, parent.info.run_id)
     assert set(runs) == {"teacher", "cd", "lsd"} and runs["cd"].data.tags["eval_sampler"] == "consistency"
-    # Evaluated as Ray tasks asking for a GPU: on the node that declares one, not in the study's driver, on
-    # the CPU (no CUDA here).
-    gpu_nodes = {n["NodeID"] for n in ray_cluster.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) >= 1}
+    # Evaluated as Ray tasks asking for a GPU: on the one node that declares one (not the head, which
+    # declares none), not in the study's driver, and on the CPU there (no CUDA here).
+    head = ray_cluster.get_runtime_context().get_node_id()
+    assert [n["NodeID"] for n in ray_cluster.nodes() if n["Alive"] and n["Resources"].get("GPU", 0)] == [gpu_node]
+    assert gpu_node != head
     evaluated = [r for r in client.search_runs([experiment_id]) if "eval_node" in r.data.tags]  # teacher, scored runs
     assert len(evaluated) == 3 and runs["teacher"].info.run_id in {r.info.run_id for r in evaluated}
     for run in evaluated:
         tags = run.data.tags
-        assert (tags["eval_worker"], tags["eval_device"]) == ("task", "cpu") and tags["eval_node"] in gpu_nodes, tags
+        assert (tags["eval_worker"], tags["eval_device"], tags["eval_node"]) == ("task", "cpu", gpu_node), tags
     assert "evaluating 2 run(s) as Ray tasks with {'GPU': 1.0}" in out.stdout
     assert "exact/heun-le/sw2" in parent.data.metrics and "floor/sw2/set2" in parent.data.metrics
     best = sweeps[0].data.tags["best_mlflow_run_id"]

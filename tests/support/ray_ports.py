@@ -1,9 +1,14 @@
-"""Loopback ports for the services tests start, and stopping a Ray cluster the test started itself."""
+"""Loopback ports for the services tests start, Ray nodes joined to a cluster and lost again, and stopping a
+Ray cluster the test started itself."""
 
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the CLI installed beside this interpreter
 
 
 def stop_ray_under(temp_dir: str) -> None:
@@ -39,3 +44,49 @@ def free_port() -> int:
         if port not in _GIVEN_PORTS:
             _GIVEN_PORTS.add(port)
             return port
+
+
+def own_ports() -> list[str]:
+    """Every port a Ray node opens, chosen here, so that another Ray on this machine cannot hold one."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--object-manager-port={free_port()}"]
+
+
+def start_worker_node(address: str, env: dict, cpus: int = 1, gpus: int = 0) -> int:
+    """A raylet joined to the head at `address` (logical CPUs and GPUs as given); returns its node-manager
+    port, which names it."""
+    port = free_port()
+    out = subprocess.run([RAY, "start", f"--address={address}", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
+                          f"--node-manager-port={port}", "--disable-usage-stats", *own_ports()],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return port
+
+
+def kill_node(node_manager_port: int) -> int:
+    """SIGKILL a node's raylet and every process under it (its workers and agents): a lost machine. Returns
+    how many raylets it found."""
+    parents = {}
+    raylets = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f"--node_manager_port={node_manager_port}".encode() in f.read():
+                    raylets.append(int(pid))
+        except OSError:
+            continue
+    doomed = set(raylets)
+    while True:
+        more = {pid for pid, parent in parents.items() if parent in doomed} - doomed
+        if not more:
+            break
+        doomed |= more
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return len(raylets)

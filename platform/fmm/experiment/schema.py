@@ -68,6 +68,8 @@ class DebugConfig(StrictModel):
 
     fail_at_step: int | None = Field(None, ge=1)  # the last worker raises once at this step (never after a restart)
     nan_at_step: int | None = Field(None, ge=1)   # the last worker's batch is NaN once at this step (divergence)
+    kill_at_step: int | None = Field(None, ge=1)  # the last worker SIGKILLs its own process at this step (never
+                                                  # after a restart): a lost process, as the OOM killer leaves it
 
 
 class TrainConfig(StrictModel):

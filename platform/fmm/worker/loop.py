@@ -17,6 +17,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import tempfile
 import time
 from typing import Any
@@ -242,18 +243,22 @@ class Progress:
 
 
 class FaultInjection:
-    """train.debug: the last worker raises once at `fail_at_step` (not after a restart) or sees a NaN batch
-    once at `nan_at_step`, to exercise recovery end to end."""
+    """train.debug: the last worker raises once at `fail_at_step`, or kills its own process with SIGKILL at
+    `kill_at_step` (no exception, no clean-up: what a worker the OOM killer took leaves behind), both never
+    after a restart, or sees a NaN batch once at `nan_at_step`, to exercise recovery end to end."""
 
     def __init__(self, exp: ExperimentConfig, rank: int, world: int, restored: bool):
         debug = exp.train.debug
         last = rank == world - 1
         self.fail_at = debug.fail_at_step if debug is not None and last and not restored else None
+        self.kill_at = debug.kill_at_step if debug is not None and last and not restored else None
         self.nan_at = debug.nan_at_step if debug is not None and last else None
 
     def before_step(self, step: int) -> None:
         if step == self.fail_at:
             raise RuntimeError(f"injected failure at step {step} (train.debug.fail_at_step)")
+        if step == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def batch(self, batch: torch.Tensor, step: int) -> torch.Tensor:
         if step == self.nan_at:
