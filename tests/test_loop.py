@@ -71,6 +71,14 @@ def test_a_corrupt_newest_checkpoint_is_passed_over_for_the_one_before(tmp_path)
     assert "step_00000020" in tags["corrupt_checkpoint"] and "checksum" in tags["corrupt_checkpoint"]
 
 
+def test_an_injected_failure_is_raised_once_and_not_again_after_the_restart(tmp_path):
+    with pytest.raises(RuntimeError, match=r"injected failure at step 15 \(train.debug.fail_at_step\)"):
+        run(tmp_path, train__steps=20, train__debug={"fail_at_step": 15})
+    _, record, _, result = run(tmp_path, resume=True, train__steps=20, train__debug={"fail_at_step": 15})
+    assert result["step"] == 20  # restored from step 10, past step 15 without failing again
+    assert [s for s, _ in history(record, "train/loss")] == [5, 10, 15, 20]
+
+
 def test_a_non_finite_step_rolls_back_to_the_last_checkpoint_with_a_lower_learning_rate(tmp_path):
     _, record, _, result = run(tmp_path, train__debug={"nan_at_step": 15}, optim={"lr": 4e-3})
     assert result["step"] == 40

@@ -21,9 +21,11 @@ from fmm.training import train_step, trainable_parameters
 JVP_OBJECTIVES = ["lmd", "emd", "two_map", "eulerian_direct", "lsd", "esd"]
 
 
-def _worker(rank: int, world: int, port: int, name: str, sync: bool, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+# Every case runs in one pair of processes (each start imports torch and fmm: seconds of CPU apiece).
+CASES = [(name, True) for name in JVP_OBJECTIVES] + [("lsd", False)]
+
+
+def _replicas(rank: int, world: int, name: str, sync: bool) -> torch.Tensor:
     torch.manual_seed(100 + rank)  # deliberately different initial weights: the broadcast must fix them
     interp = Interpolant("linear")
     target = GaussianMixture.flower(modes=4, radius=2.0)
@@ -48,8 +50,15 @@ def _worker(rank: int, world: int, port: int, name: str, sync: bool, out: str) -
     flat = torch.cat([p.detach().reshape(-1) for p in trainable_parameters(model, objective)])
     gathered = [torch.zeros_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
+    return gathered
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = {case: _replicas(rank, world, *case) for case in CASES}
     if rank == 0:
-        torch.save(gathered, out)
+        torch.save(results, out)
     dist.barrier()
     dist.destroy_process_group()
     # torch 2.13's gloo sometimes aborts in a C++ thread destructor at interpreter exit ("terminate
@@ -57,24 +66,26 @@ def _worker(rank: int, world: int, port: int, name: str, sync: bool, out: str) -
     os._exit(0)
 
 
-def run_two_workers(name: str, sync: bool) -> list[torch.Tensor]:
+@pytest.fixture(scope="module")
+def replicas() -> dict[tuple[str, bool], list[torch.Tensor]]:
+    """The two replicas' final parameters for each case, from one pair of gloo processes."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "params.pt")
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        mp.spawn(_worker, args=(2, port, name, sync, out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
         return torch.load(out)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", JVP_OBJECTIVES)
-def test_replicas_stay_identical_when_gradients_are_averaged(name):
-    a, b = run_two_workers(name, sync=True)
+def test_replicas_stay_identical_when_gradients_are_averaged(replicas, name):
+    a, b = replicas[(name, True)]
     assert torch.equal(a, b), f"{name}: replicas differ by {(a - b).abs().max().item():.3g}"
 
 
 @pytest.mark.slow
-def test_replicas_drift_without_gradient_averaging():
-    a, b = run_two_workers("lsd", sync=False)
+def test_replicas_drift_without_gradient_averaging(replicas):
+    a, b = replicas[("lsd", False)]
     assert (a - b).abs().max().item() > 1e-4

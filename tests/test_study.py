@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -17,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from support.experiments import cluster, node_types
 from support.ray_ports import free_port
+from fmm import cli
 from fmm.experiment.study_schema import StudyConfig, load_study, plan_study
 from fmm.jobs.study import check_evaluation_fits
 
@@ -352,7 +354,8 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
 
 
 @pytest.mark.slow
-def test_a_study_with_seeds_killed_midway_resumes_without_retraining_finished_seeds(tmp_path, ray_cluster):
+def test_a_study_with_seeds_killed_midway_resumes_without_retraining_finished_seeds(tmp_path, ray_cluster, capsys,
+                                                                                     monkeypatch):
     """seeds: [0, 1], one run at a time, on a running Ray cluster (this session's): the study's driver
     is killed (SIGKILL) once seed 0 has finished, as when the machine that submitted it goes;
     `--resume` keeps the finished seed's run, trains the other, and the member's cells are over
@@ -383,7 +386,15 @@ def test_a_study_with_seeds_killed_midway_resumes_without_retraining_finished_se
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
     assert list(finished) == ["0"], finished
-    out = run_cli("study", "study.yaml", "--resume", "--address", address, cwd=tmp_path)
+
+    def resume():  # in this process, already joined to the cluster: no second interpreter start-up
+        code = cli.main(["study", "study.yaml", "--resume", "--address", address])
+        printed = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=printed.out, stderr=printed.err)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = resume()
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     for seed in finished:
         assert f"seeded-lmd-seed{seed}: finished earlier" in out.stdout
@@ -402,7 +413,7 @@ def test_a_study_with_seeds_killed_midway_resumes_without_retraining_finished_se
     assert sorted(r.data.tags["study_seed"] for r in seed_runs) == ["0", "1"]
 
     # Resuming the finished study retrains nothing, scores nothing twice and gives the same table.
-    again = run_cli("study", "study.yaml", "--resume", "--address", address, cwd=tmp_path)
+    again = resume()
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished earlier") == 2 and "training seeded-" not in again.stdout
     assert len(client.get_metric_history(member.info.run_id, "sw2")) == 2

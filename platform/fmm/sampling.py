@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
 from fmm.flowmap import VelocityField
 from fmm.tensor_checks import check_unit_interval
@@ -123,6 +122,10 @@ def solve_ode(velocity: VelocityField, x: Tensor, method: str = "euler", *, step
     span = torch.tensor([t0, t_end], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
                         device=x.device)
     lo, hi = min(t0, t_end), max(t0, t_end)
+    # Imported on first use: torchdiffeq loads scipy.integrate, about 0.8 s of CPU in every process (each
+    # Ray worker, each command) that would otherwise never integrate with dopri5.
+    from torchdiffeq import odeint
+
     # dopri5 may step past the end and interpolate back; clamping keeps every stage inside the span.
     y = odeint(lambda t, y: field(t.clamp(lo, hi), y), x, span, method="dopri5", rtol=rtol, atol=atol,
                options=options)[-1]

@@ -5,15 +5,23 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import matplotlib
-import matplotlib.pyplot as plt
 import torch
 
 from fmm.evaluation.protocol import Report
 from fmm.experiment.sweep_schema import SweepConfig
 from fmm.sampling import make_sampler
 
-matplotlib.use("Agg")  # figures go to files and MLflow, never to a screen
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (figures go to files and MLflow, never to a screen), imported
+    on first use: every Ray Train worker and trial process imports this module, and matplotlib would cost
+    each about 0.6 s of CPU at start-up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
 
 
 def sample_figure(ema, shape, steps: list[int], device, seed: int, sampler=None, sigma0: float = 1.0):
@@ -23,6 +31,7 @@ def sample_figure(ema, shape, steps: list[int], device, seed: int, sampler=None,
     g = torch.Generator().manual_seed(seed)
     n = 2000 if len(shape) == 1 else 16
     noise = (sigma0 * torch.randn((n, *shape), generator=g)).to(device)
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3.2), squeeze=False)
     with torch.no_grad():
         for ax, k in zip(axes[0], steps):
@@ -40,7 +49,13 @@ def sample_figure(ema, shape, steps: list[int], device, seed: int, sampler=None,
     return fig
 
 
+def close(fig) -> None:
+    """Free a figure once it is saved or logged (pyplot keeps every open figure alive)."""
+    pyplot().close(fig)
+
+
 def quality_figure(report: Report):
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in sorted({r.method for r in report.rows}, key=lambda m: (m != "flow_map", m)):
         pts = sorted((r.nfe, r.scores[report.primary]) for r in report.rows if r.method == method and r.nfe > 0)
@@ -62,6 +77,7 @@ def parallel_coordinates(rows: list[dict[str, Any]], sweep: SweepConfig):
     metric = sweep.metrics[0].name
     keys = list(sweep.space)
     axes_names = keys + [metric]
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.8 * len(axes_names) + 2, 4))
     values = [r.get(metric, math.nan) for r in rows]
     finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]

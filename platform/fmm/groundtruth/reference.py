@@ -18,7 +18,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torchdiffeq import odeint
 
 from fmm.tensor_checks import batch_times, check_unit_interval
 
@@ -41,6 +40,8 @@ def reference_flow_map(velocity: Callable[[Tensor, Tensor], Tensor], s: Tensor |
     def rhs(tau: Tensor, y: Tensor) -> Tensor:
         # dopri5 may step past the end and interpolate back; clamping keeps every stage on [s, t_end].
         return span * velocity(s + tau.clamp(0, 1) * (t_end - s), y)
+
+    from torchdiffeq import odeint  # on first use: it loads scipy.integrate (see fmm.sampling.solve_ode)
 
     clock = torch.tensor([0.0, 1.0], dtype=F64, device=x.device)
     y = odeint(rhs, x, clock, method="dopri5", rtol=rtol, atol=atol,

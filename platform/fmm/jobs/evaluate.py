@@ -19,12 +19,11 @@ import os
 import tempfile
 import warnings
 
-import matplotlib.pyplot as plt
 import ray
 
 from fmm.checkpoint import read_flow_map
 from fmm.evaluation.fid import usable_device
-from fmm.evaluation.figures import quality_figure, sample_figure
+from fmm.evaluation.figures import close, quality_figure, sample_figure
 from fmm.evaluation.protocol import Protocol, Report, Row, build_protocol, device_of, evaluate_map
 from fmm.experiment.builders import build_interpolant, build_objective, build_teacher
 from fmm.experiment.schema import ExperimentConfig
@@ -124,14 +123,14 @@ def log_report(report: Report, tracking_uri: str, run_id: str, model=None, steps
     logger.flush()
     fig = quality_figure(report)
     logger.log_figure(fig, f"evaluation/{report.primary}_vs_steps.png")
-    plt.close(fig)
+    close(fig)
     if model is not None and steps:
         shape = tuple(model.sample_shape)
         if len(shape) == 3 or shape == (2,):
             fig = sample_figure(model, shape, steps, next(model.parameters()).device, seed=0, sampler=sampler,
                                 sigma0=sigma0)
             logger.log_figure(fig, "evaluation/samples.png")
-            plt.close(fig)
+            close(fig)
     with tempfile.TemporaryDirectory() as folder:
         table = os.path.join(folder, "evaluation.json")
         with open(table, "w") as f:

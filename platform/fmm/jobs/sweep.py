@@ -19,7 +19,6 @@ import os
 import tempfile
 from typing import Any
 
-import matplotlib.pyplot as plt
 import mlflow
 import optuna
 import ray
@@ -29,7 +28,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from fmm.evaluation.figures import parallel_coordinates
+from fmm.evaluation.figures import close, parallel_coordinates
 from fmm.experiment.checks import check_environment
 from fmm.experiment.sweep_schema import SweepConfig, holds, trial_experiment, trial_resources
 from fmm.infra import storage, tracking
@@ -248,7 +247,7 @@ def summarise(grid, sweep: SweepConfig, uri: str, parent: str) -> None:
         c.log_artifact(parent, path, "sweep")
     fig = parallel_coordinates(rows, sweep)
     c.log_figure(parent, fig, "sweep/parallel_coordinates.png")
-    plt.close(fig)
+    close(fig)
     tags = {"trials": str(len(rows)), "trials_failed": str(sum(r["status"] == "ERROR" for r in rows))}
     if len(best) == 1:
         tags.update({"best_trial_id": str(best[0]["trial_id"]), "best_mlflow_run_id": str(best[0]["mlflow_run_id"])})

@@ -22,11 +22,10 @@ import tempfile
 import time
 from typing import Any
 
-import matplotlib.pyplot as plt
 import torch
 
 from fmm.distributed import broadcast_parameters, check_replicas_agree
-from fmm.evaluation.figures import sample_figure
+from fmm.evaluation.figures import close, sample_figure
 from fmm.evaluation.protocol import Scorer, reference_sets
 from fmm.experiment.builders import (build_interpolant, build_model, build_objective, build_optimiser, build_teacher,
                                      eval_metric, initial_map)
@@ -195,7 +194,7 @@ def finish_run(state: State, exp: ExperimentConfig, logger: RunLogger, best: dic
     sampler, _ = sampler_for(exp.objective, interpolant, seed=exp.train.seed + 8)
     fig = sample_figure(state.ema, shape, exp.train.sample_steps, device, exp.train.seed, sampler, interpolant.sigma0)
     logger.log_figure(fig, f"samples/step_{state.step:08d}.png")
-    plt.close(fig)
+    close(fig)
     logger.flush()
 
 
