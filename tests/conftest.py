@@ -112,11 +112,11 @@ LONGEST = (
     "test_transient_s3_errors_are_retried",
     "test_an_interrupted_sweep_resumes",
     "test_a_sweep_larger_than_the_head_makes_the_autoscaler",
-    "test_a_worker_killed_with_sigkill",
+    "test_a_baseline_trains_through_the_same_loop",
     "test_s3_storage_and_parquet_data",
     "test_ray_job_submit_runs_the_toy_sweep",
     "test_credentials_in_the_environment",
-    "test_fid_of_a_set_with_itself",
+    "test_fmm_fid_equals_fid_helper_pytorchs_own_pipeline",
 )
 
 

@@ -234,7 +234,7 @@ def test_ray_job_submit_runs_the_toy_sweep_on_a_started_head(tmp_path):
                            capture_output=True, text=True, env=env, timeout=180)
     assert start.returncode == 0, start.stderr[-3000:]
     try:
-        write_sweep(tmp_path, name="submitted", search={"num_samples": 2, "max_concurrent_trials": 2})
+        write_sweep(tmp_path, name="submitted", search={"num_samples": 1, "max_concurrent_trials": 1})
         deadline = time.time() + 180
         while True:  # the head's job agent comes up a little after `ray start` returns
             job = subprocess.run([RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
@@ -244,7 +244,7 @@ def test_ray_job_submit_runs_the_toy_sweep_on_a_started_head(tmp_path):
                 break
             time.sleep(5)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
-        assert "succeeded" in job.stdout and "run_trial_" in job.stdout and "2 trials (0 failed)" in job.stdout
+        assert "succeeded" in job.stdout and "run_trial_" in job.stdout and "1 trial (0 failed)" in job.stdout
     finally:  # `ray stop` would stop every Ray on the machine: end only the processes of this head
         stop_ray_under(temp)
         shutil.rmtree(temp, ignore_errors=True)
