@@ -16,10 +16,9 @@ import pytest
 import yaml
 
 from support.experiments import cluster, node_types, write_sweep
-from support.ray_ports import free_port, stop_ray_under
+from support.ray_ports import RAY, free_port, stop_ray_under
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
 def schema() -> dict:

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from support.experiments import SWEEP_BASE as BASE, write_sweep
-from support.ray_ports import free_port, stop_ray_under
+from support.ray_ports import RAY, free_port, own_ports, stop_ray_under
 from fmm.experiment.sweep_schema import load_sweep
 from fmm.jobs.sweep import run_sweep
 
@@ -213,9 +213,6 @@ def test_a_trial_finished_before_the_sweep_was_killed_reports_its_end_again_from
                                                             "eval/sw2_steps001": 0.2}
 
 
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")  # the CLI installed beside this interpreter
-
-
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_toy_sweep_on_a_started_head(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -226,11 +223,8 @@ def test_ray_job_submit_runs_the_toy_sweep_on_a_started_head(tmp_path):
                             f"--temp-dir={temp}",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
                             "--include-dashboard=true", "--disable-usage-stats",
-                            # every port our own, so that another Ray on this machine cannot hold one
-                            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
                             f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
-                            f"--object-manager-port={free_port()}"],
+                            *own_ports()],
                            capture_output=True, text=True, env=env, timeout=180)
     assert start.returncode == 0, start.stderr[-3000:]
     try:
