@@ -13,6 +13,12 @@ from support.flaky_s3 import FlakyS3
 from support.ray_ports import free_port, kill_node, start_worker_node
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Every Ray a test does not point at a head it started is an embedded one of its own. Without an address,
+# Ray's ray.init() joins the cluster a `ray start` on this machine recorded in /tmp/ray/ray_current_cluster
+# (a developer's, or one a test left), and Ray's state API answers from that cluster even inside another:
+# Ray Train's placement-group cleaner, an actor in the run's own cluster, looks its controller up there,
+# does not find it, and removes the placement group of a run still training.
+os.environ["RAY_ADDRESS"] = "local"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

@@ -70,7 +70,6 @@ def test_credentials_in_the_environment_never_reach_mlflow_records_checkpoints_o
 
     ray_temp = tempfile.mkdtemp(prefix="/tmp/fmms")  # short: Ray's socket paths must fit 107 bytes
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_temp, **secrets)
-    env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     exp = {"name": "secretive", "data": {"target": "flower"},
            "network": {"name": "mlp", "dim": 2, "width": 32, "depth": 2}, "objective": {"name": "lmd"},
@@ -127,7 +126,6 @@ def s3_run(tmp_path, flaky_s3, name, steps, checkpoint_every, watch=None, attemp
     ray_temp = tempfile.mkdtemp(prefix="/tmp/fmmf")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_temp, AWS_ENDPOINT_URL=flaky_s3.url,
                FMM_S3_ATTEMPTS=attempts)
-    env.pop("RAY_ADDRESS", None)
     exp = {"name": name, "data": {"target": "flower"},
            "network": {"name": "mlp", "dim": 2, "width": 128, "depth": 2}, "objective": {"name": "lmd"},
            "teacher": {"kind": "exact", "target": "flower"},
@@ -239,9 +237,15 @@ def test_a_lost_node_is_survived_elastically_or_by_waiting_for_a_node_to_return(
         assert proc.returncode == 0, text[-4000:]
         return text
 
+    nodes = []  # every node joined, lost or not: each is killed with its temp dir at the end
+
+    def join() -> int:
+        nodes.append(start_worker_node(address, env))
+        return nodes[-1]
+
     try:
         # Elastic (min_workers 1): the node goes, training goes on with the worker left on the head.
-        node = start_worker_node(address, env)
+        node = join()
         lost = []
         text = train("elastic", {"min_workers": 1},
                      lambda line: "step    120" in line and not lost and lost.append(kill_node(node)))
@@ -249,13 +253,13 @@ def test_a_lost_node_is_survived_elastically_or_by_waiting_for_a_node_to_return(
         assert "elastic: steps 100 -> 150, 1 worker(s)" in text, text[-3000:]
 
         # Fixed size (the default): the run waits for a node to take the lost one's place, then resumes.
-        node = start_worker_node(address, env)
+        node = join()
         state = {}
 
         def lose_then_replace(line):
             if "step    120" in line and "lost" not in state:
                 state["lost"] = kill_node(node)
-                threading.Timer(1, lambda: state.setdefault("new", start_worker_node(address, env))).start()
+                threading.Timer(1, lambda: state.setdefault("new", join())).start()
 
         text = train("fixed", {}, lose_then_replace)
         assert state.get("lost") == 1 and "new" in state, text[-3000:]
@@ -266,5 +270,7 @@ def test_a_lost_node_is_survived_elastically_or_by_waiting_for_a_node_to_return(
         for run in runs:
             assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == list(range(10, 151, 10))
     finally:
+        for node in nodes:
+            kill_node(node)
         stop_ray_under(temp)
         shutil.rmtree(temp, ignore_errors=True)

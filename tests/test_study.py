@@ -51,7 +51,6 @@ def write_study(folder, **changes) -> str:
 
 def run_cli(*args, cwd, timeout=900):
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([sys.executable, "-m", "fmm.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)

@@ -2,6 +2,7 @@
 Ray cluster the test started itself."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,12 +54,21 @@ def own_ports() -> list[str]:
             f"--object-manager-port={free_port()}"]
 
 
+def node_temp_dir(node_manager_port: int) -> str:
+    """A joined node's own Ray temp dir. Without one, `ray start --address` records the cluster it joined
+    in /tmp/ray/ray_current_cluster, and from then on every `ray.init()` without an address on this
+    machine joins that cluster (or hangs on it once it is gone), and Ray's state API, which Ray Train's
+    placement-group cleaner queries from inside another cluster, answers from it."""
+    return f"/tmp/fmmw{node_manager_port}"  # short: Ray's socket paths must fit 107 bytes
+
+
 def start_worker_node(address: str, env: dict, cpus: int = 1, gpus: int = 0) -> int:
     """A raylet joined to the head at `address` (logical CPUs and GPUs as given); returns its node-manager
     port, which names it."""
     port = free_port()
     out = subprocess.run([RAY, "start", f"--address={address}", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
-                          f"--node-manager-port={port}", "--disable-usage-stats", *own_ports()],
+                          f"--node-manager-port={port}", f"--temp-dir={node_temp_dir(port)}",
+                          "--disable-usage-stats", *own_ports()],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return port
@@ -89,4 +99,5 @@ def kill_node(node_manager_port: int) -> int:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    shutil.rmtree(node_temp_dir(node_manager_port), ignore_errors=True)
     return len(raylets)

@@ -16,7 +16,8 @@ from fmm.experiment.schema import ExperimentConfig, read_yaml
 
 
 def connect(address: str | None = None) -> None:
-    """Join the Ray at `address` (else RAY_ADDRESS), or start an embedded local one; once per process."""
+    """Join the Ray at `address` (else RAY_ADDRESS), else, by Ray's rule, the one a `ray start` on this machine
+    left running, else start an embedded local one (`local` always does); once per process."""
     if ray.is_initialized():
         return
     # Workers print progress once; Ray Train's print patch would echo every line a second time.
