@@ -17,25 +17,9 @@ from fmm.nets import TwoTimeMLP, make_network
 from fmm.objectives import OBJECTIVES, describe, make_objective
 from fmm.objectives.base import SharedRandomness, TargetNetwork
 from fmm.tensor_checks import expand_like
-from support.experiments import experiment
+from support.experiments import NETWORK, experiment, teacher_file, trained_looking
 
 LINEAR = Interpolant("linear")
-NETWORK = {"name": "mlp", "dim": 2, "width": 32, "depth": 2}
-
-
-def trained_looking(seed: int = 0, **network) -> FlowMap:
-    """A flow map with every weight random (the output layer too), as a trained teacher's would be."""
-    torch.manual_seed(seed)
-    model = FlowMap(make_network(**{**NETWORK, **network}))
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return model
-
-
-def teacher_file(tmp_path, **network) -> str:
-    path = str(tmp_path / "teacher.pt")
-    save_flow_map(path, trained_looking(**network))
-    return path
 
 
 # -- init --------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from support.experiments import cluster, node_types
+from support.experiments import cluster, node_types, teacher_file
 from support.ray_ports import free_port
 from fmm import cli
 from fmm.experiment.study_schema import StudyConfig, load_study, plan_study
@@ -308,8 +308,9 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
     for run in evaluated:
         tags = run.data.tags
         assert (tags["eval_worker"], tags["eval_device"], tags["eval_node"]) == ("task", "cpu", gpu_node), tags
-    assert "evaluating 2 run(s) as Ray tasks with {'GPU': 1.0}" in out.stdout
+    assert "evaluating 4 run(s) as Ray tasks with {'GPU': 1.0}" in out.stdout  # teacher, exact, cd, lsd
     assert "exact/heun-le/sw2" in parent.data.metrics and "floor/sw2/set2" in parent.data.metrics
+    assert (parent.data.tags["exact_eval_worker"], parent.data.tags["exact_eval_node"]) == ("task", gpu_node)
     best = sweeps[0].data.tags["best_mlflow_run_id"]
     reseeded = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{runs['lsd'].info.run_id}'")
     assert [(r.data.tags["study_seed"], r.data.params["train.seed"]) for r in reseeded] == [("0", "0")]
@@ -353,18 +354,21 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
 
 
 @pytest.mark.slow
-def test_a_study_with_seeds_killed_midway_resumes_without_retraining_finished_seeds(tmp_path, ray_cluster, capsys,
-                                                                                     monkeypatch):
-    """seeds: [0, 1], one run at a time, on a running Ray cluster (this session's): the study's driver
-    is killed (SIGKILL) once seed 0 has finished, as when the machine that submitted it goes;
-    `--resume` keeps the finished seed's run, trains the other, and the member's cells are over
-    2 seeds x 2 sets, printed as MLflow holds them."""
+def test_a_study_with_seeds_killed_midway_resumes_without_retraining_finished_seeds(tmp_path, ray_cluster, gpu_node,
+                                                                                     capsys, monkeypatch):
+    """seeds: [0, 1], one run at a time, on a running Ray cluster (this session's), the teacher a given
+    checkpoint: the study's driver is killed (SIGKILL) once seed 0 has finished, as when the machine
+    that submitted it goes; `--resume` keeps the finished seed's run, trains the other, and the
+    member's cells are over 2 seeds x 2 sets, printed as MLflow holds them. Evaluation asks for a GPU:
+    the seeds, the given teacher's solvers and the exact velocity's are all scored on the GPU node."""
     import signal
 
     address = ray_cluster.get_runtime_context().gcs_address
-    evaluation = {"steps": [1, 2], "samples": 300, "sets": 2, "metrics": ["sw2"], "teacher_max_nfe": 4}
+    evaluation = {"steps": [1, 2], "samples": 300, "sets": 2, "metrics": ["sw2"], "teacher_max_nfe": 4,
+                  "resources": {"GPU": 1}}
     base = {**TINY["base"], "train": {**TINY["base"]["train"], "steps": 100, "checkpoint_every": 50}}
-    write_study(str(tmp_path), name="seeded", base=base, teacher={"exact": "flower"}, seeds=[0, 1],
+    teacher_file(tmp_path, std=0.05)  # teacher.pt (a gentle velocity), given by a path relative to the study's folder
+    write_study(str(tmp_path), name="seeded", base=base, teacher={"checkpoint": "teacher.pt"}, seeds=[0, 1],
                 methods={"lmd": {"objective": {"name": "lmd"}}}, evaluation=evaluation, max_concurrent=1)
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -410,6 +414,17 @@ def test_a_study_with_seeds_killed_midway_resumes_without_retraining_finished_se
                                                        for m, lo, h in zip(held["sw2"], held["sw2/low"], held["sw2/high"])]
     seed_runs = client.search_runs([member.info.experiment_id], f"tags.mlflow.parentRunId = '{member.info.run_id}'")
     assert sorted(r.data.tags["study_seed"] for r in seed_runs) == ["0", "1"]
+    for run in seed_runs:
+        tags = run.data.tags
+        assert (tags["eval_worker"], tags["eval_device"], tags["eval_node"]) == ("task", "cpu", gpu_node), tags
+    parent = client.get_run(member.data.tags["mlflow.parentRunId"])
+    for part in ("teacher", "exact"):  # loaded and scored on the GPU node, logged into the study's run
+        tags = parent.data.tags
+        assert (tags[f"{part}_eval_worker"], tags[f"{part}_eval_device"], tags[f"{part}_eval_node"]) == \
+            ("task", "cpu", gpu_node), tags
+        assert f"{part}/heun-le/sw2" in parent.data.metrics
+    teacher_history = len(client.get_metric_history(parent.info.run_id, "teacher/heun-le/sw2"))
+    assert "evaluating 4 run(s) as Ray tasks with {'GPU': 1.0}" in out.stdout  # 2 seeds, teacher, exact
 
     # Resuming the finished study retrains nothing, scores nothing twice and gives the same table.
     again = resume()
@@ -417,4 +432,5 @@ def test_a_study_with_seeds_killed_midway_resumes_without_retraining_finished_se
     assert again.stdout.count("finished earlier") == 2 and "training seeded-" not in again.stdout
     assert len(client.get_metric_history(member.info.run_id, "sw2")) == 2
     assert all(len(client.get_metric_history(r.info.run_id, "sw2")) == 2 for r in seed_runs)
+    assert len(client.get_metric_history(parent.info.run_id, "teacher/heun-le/sw2")) == teacher_history
     assert table_cells(again.stdout, ["lmd"]) == table_cells(out.stdout, ["lmd"])

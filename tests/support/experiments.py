@@ -3,9 +3,13 @@
 import copy
 import os
 
+import torch
 import yaml
 
+from fmm.checkpoint import save_flow_map
 from fmm.experiment.schema import load_experiment
+from fmm.flowmap import FlowMap
+from fmm.nets import make_network
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,6 +37,24 @@ def experiment(tmp_path, **changes):
         node[keys[-1]] = value
     return load_experiment(raw=raw)
 
+
+NETWORK = {"name": "mlp", "dim": 2, "width": 32, "depth": 2}
+
+
+def trained_looking(seed: int = 0, std: float = 0.3, **network) -> FlowMap:
+    """A flow map with every weight random (the output layer too), as a trained teacher's would be."""
+    torch.manual_seed(seed)
+    model = FlowMap(make_network(**{**NETWORK, **network}))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=std)
+    return model
+
+
+def teacher_file(tmp_path, std: float = 0.3, **network) -> str:
+    """A teacher checkpoint (trained_looking) in tmp_path."""
+    path = str(tmp_path / "teacher.pt")
+    save_flow_map(path, trained_looking(std=std, **network))
+    return path
 
 
 SWEEP_BASE = {

@@ -15,8 +15,10 @@ reference) for every member, so that all scores are paired by set; each method i
 authors' sampler at each step count and scored into its own MLflow run (metric at step = NFE: the
 mean, with `<metric>/low`, `<metric>/high` its 95% interval and `<metric>/set<j>` each set's score);
 the teacher's velocity is integrated by the fixed-step solvers and dopri5 on the same noise
-(`teacher/<solver>/<metric>`, in the teacher's run), and for a toy target the exact velocity too
-(`exact/<solver>/<metric>`, in the study's run, with `floor/<metric>`: what exact samples score).
+(`teacher/<solver>/<metric>`, in the trained teacher's run, or the study's run for a given
+checkpoint), and for a toy target the exact velocity too (`exact/<solver>/<metric>`, in the study's
+run, with `floor/<metric>`: what exact samples score). With `evaluation.resources` every one of
+these is a Ray task that loads what it scores where it runs.
 
 MLflow: one parent run per study (tag kind=study) with each member's run nested under it (tags
 study, study_member, study_role = teacher | method). With `seeds`, a method's run holds the mean and
@@ -43,13 +45,13 @@ from fmm.experiment.checks import check_environment
 from fmm.experiment.schema import ExperimentConfig
 from fmm.experiment.study_schema import EvaluationSpec, Member, StudyConfig, StudyPlan, member_sweep, plan_study
 from fmm.experiment.teachers import fetch_checkpoint, load_trained
-from fmm.flowmap import ModelVelocity, VelocityField
+from fmm.flowmap import ModelVelocity
 from fmm.groundtruth import ExactVelocity, make_target
 from fmm.infra import storage, tracking
 from fmm.infra.records import RUN_RECORD, STUDY_RECORD, SWEEP_RECORD, claim, open_record, read_record
 from fmm.infra.tracking import RunLogger
 from fmm.jobs.cluster import check_resources, connect, node_types
-from fmm.jobs.evaluate import log_floors, log_report, log_rows
+from fmm.jobs.evaluate import log_floors, log_report, log_rows, where
 from fmm.jobs.sweep import best_rows, results_table, run_sweep
 from fmm.jobs.train import run_params, run_training
 
@@ -140,31 +142,56 @@ def evaluation_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def score_method(run_id: str, uri: str, spec: EvaluationSpec, shape: tuple[int, ...],
-                 protocol: Protocol | None = None) -> Report:
+def score_method(exp: dict[str, Any], uri: str, spec: EvaluationSpec, shape: tuple[int, ...],
+                 protocol: Protocol | None = None, *, run_id: str) -> Report:
     """A method's final EMA map sampled by its authors' sampler at each step count and scored by the
     study's protocol, on this process's device, logged into its run (with where it ran)."""
     device = evaluation_device()
-    model, exp, _ = load_trained(f"runs:/{run_id}/checkpoints/final.pt", uri)
+    model, trained, _ = load_trained(f"runs:/{run_id}/checkpoints/final.pt", uri)
     model.to(device).eval()
-    interpolant = build_interpolant(exp)
-    protocol = protocol or study_protocol(exp, spec, shape, lambda *_: None, device)
-    report, sampler = evaluate_map(model, exp, interpolant, protocol, spec.steps, seed=spec.seed,
+    interpolant = build_interpolant(trained)
+    protocol = protocol or study_protocol(ExperimentConfig(**exp), spec, shape, lambda *_: None, device)
+    report, sampler = evaluate_map(model, trained, interpolant, protocol, spec.steps, seed=spec.seed,
                                    log=lambda *_: None, progress=False)
     log_report(report, uri, run_id, model=model, steps=spec.steps, sampler=sampler, sigma0=interpolant.sigma0)
     return report
 
 
-def score_teacher(run_id: str, uri: str, spec: EvaluationSpec, shape: tuple[int, ...],
-                  protocol: Protocol | None = None) -> Report:
-    """The trained teacher's ODE solvers on the study's protocol, on this process's device, into its run."""
+def score_teacher(exp: dict[str, Any], uri: str, spec: EvaluationSpec, shape: tuple[int, ...],
+                  protocol: Protocol | None = None, *, run_id: str) -> Report:
+    """The study's trained teacher: its ODE solvers on the study's protocol, on this process's device,
+    into its own run."""
     device = evaluation_device()
-    model, exp, _ = load_trained(f"runs:/{run_id}/checkpoints/final.pt", uri)
+    model, _, _ = load_trained(f"runs:/{run_id}/checkpoints/final.pt", uri)
     model.to(device)
-    protocol = protocol or study_protocol(exp, spec, shape, lambda *_: None, device)
+    protocol = protocol or study_protocol(ExperimentConfig(**exp), spec, shape, lambda *_: None, device)
     report = run_sets(None, ModelVelocity(model), protocol, [], spec.teacher_max_nfe, log=lambda *_: None,
                       progress=False)
     log_report(report, uri, run_id, model=model)
+    return report
+
+
+def score_reference(exp: dict[str, Any], uri: str, spec: EvaluationSpec, shape: tuple[int, ...],
+                    protocol: Protocol | None = None, *, run_id: str, checkpoint: str | None = None) -> Report:
+    """A velocity the study did not train, into the study's run `run_id`: a given teacher checkpoint's
+    (path, s3:// or runs:/, loaded where this runs) as `teacher/<solver>/<metric>`, or without one the
+    exact velocity of the experiment's toy target as `exact/<solver>/<metric>` with the floors; both
+    tagged with where they ran (`teacher_eval_node`, ...)."""
+    device = evaluation_device()
+    config = ExperimentConfig(**exp)
+    protocol = protocol or study_protocol(config, spec, shape, lambda *_: None, device)
+    if checkpoint is not None:
+        model = load_flow_map(fetch_checkpoint(checkpoint, uri)).to(device)
+        velocity, prefix = ModelVelocity(model), "teacher"
+    else:
+        velocity, prefix = ExactVelocity(make_target(config.data.target), build_interpolant(config)), "exact"
+    report = run_sets(None, velocity, protocol, [], spec.teacher_max_nfe, log=lambda *_: None, progress=False)
+    logger = RunLogger(uri, run_id)
+    log_rows(logger, report.rows, prefix)
+    if checkpoint is None:
+        log_floors(logger, report)
+    logger.set_tags({f"{prefix}_{key}": value for key, value in {**where(), "eval_device": device}.items()})
+    logger.flush()
     return report
 
 
@@ -193,20 +220,17 @@ class Evaluation:
             self.protocols[key] = study_protocol(exp, self.spec, self.shape, self.log)
         return self.protocols[key]
 
-    def solvers(self, velocity: VelocityField, exp: ExperimentConfig) -> Report:
-        """The ODE solvers of `fmm evaluate` on `velocity`, on every evaluation set, in the driver."""
-        return run_sets(None, velocity, self.protocol(exp), [], self.spec.teacher_max_nfe, log=lambda *_: None,
-                        progress=False)
-
-    def run(self, fn, jobs: list[tuple[Any, str, ExperimentConfig]]):
-        """`fn(run_id, ...)` (score_method or score_teacher) for each (key, run id, experiment): yields
-        (key, report) as each finishes, one after another in the driver, or as Ray tasks side by side."""
+    def run(self, jobs: list[tuple[Any, Any, ExperimentConfig, dict[str, Any]]]):
+        """`fn(experiment, ..., **kwargs)` (score_method, score_teacher or score_reference) for each (key,
+        fn, experiment, kwargs): yields (key, report) as each finishes, one after another in the driver,
+        or as Ray tasks side by side."""
         if self.spec.resources is None:
-            for key, run_id, exp in jobs:
-                yield key, fn(run_id, self.uri, self.spec, self.shape, self.protocol(exp))
+            for key, fn, exp, kwargs in jobs:
+                yield key, fn(exp.model_dump(), self.uri, self.spec, self.shape, self.protocol(exp), **kwargs)
             return
-        task = ray.remote(**ray_options(self.spec.resources))(fn)
-        pending = {task.remote(run_id, self.uri, self.spec, self.shape): key for key, run_id, _ in jobs}
+        tasks = {fn: ray.remote(**ray_options(self.spec.resources))(fn) for _, fn, _, _ in jobs}
+        pending = {tasks[fn].remote(exp.model_dump(), self.uri, self.spec, self.shape, **kwargs): key
+                   for key, fn, exp, kwargs in jobs}
         if pending:
             self.log(f"[fmm] evaluating {len(pending)} run(s) as Ray tasks with {self.spec.resources}")
         while pending:
@@ -376,37 +400,29 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
         spec = study.evaluation
         if spec.resources is not None:
             concurrency()  # the evaluation tasks need Ray
+        jobs = []  # (part, scoring function, experiment, its arguments): every score still to log
         if "teacher" not in evaluated and plan.teacher is not None:
-            for _, report in evaluation.run(score_teacher, [("teacher", members["teacher"], plan.teacher.exp)]):
-                done("teacher")
-                log(f"[fmm] evaluated the teacher's ODE solvers ({len(report.rows)} runs)")
+            jobs.append(("teacher", score_teacher, plan.teacher.exp, {"run_id": members["teacher"]}))
         elif "teacher" not in evaluated and study.teacher.checkpoint is not None:
-            model = load_flow_map(fetch_checkpoint(study.teacher.checkpoint, uri))
-            logger = RunLogger(uri, parent)
-            log_rows(logger, evaluation.solvers(ModelVelocity(model), first).rows, "teacher")
-            logger.flush()
-            done("teacher")
-        exact = (ExactVelocity(make_target(first.data.target), build_interpolant(first))
-                 if first.data.target is not None else None)
-        if "exact" not in evaluated and exact is not None:
-            report = evaluation.solvers(exact, first)
-            logger = RunLogger(uri, parent)
-            log_rows(logger, report.rows, "exact")
-            log_floors(logger, report)
-            logger.flush()
-            done("exact")
-            log(f"[fmm] evaluated the exact velocity's ODE solvers ({len(report.rows)} runs)")
-        jobs = []  # ((label, seed or None), run id, experiment): every score still to log
+            jobs.append(("teacher", score_reference, first, {"run_id": parent, "checkpoint": study.teacher.checkpoint}))
+        if "exact" not in evaluated and first.data.target is not None:
+            jobs.append(("exact", score_reference, first, {"run_id": parent}))
         for member in plan.methods:
             if member.label not in members or member.label in evaluated:
                 continue
             if member.label not in seed_runs:
-                jobs.append(((member.label, None), members[member.label], member.exp))
+                jobs.append(((member.label, None), score_method, member.exp, {"run_id": members[member.label]}))
                 continue
             scores = seed_scores.setdefault(member.label, {})
-            jobs += [((member.label, seed), run_id, member.exp) for seed, run_id in sorted(
+            jobs += [((member.label, seed), score_method, member.exp, {"run_id": run_id}) for seed, run_id in sorted(
                 seed_runs[member.label].items(), key=lambda kv: int(kv[0])) if seed not in scores]
-        for (label, seed), report in evaluation.run(score_method, jobs):
+        for part, report in evaluation.run(jobs):
+            if part in ("teacher", "exact"):
+                done(part)
+                log(f"[fmm] evaluated the {'teacher' if part == 'teacher' else 'exact velocity'}'s ODE solvers "
+                    f"({len(report.rows)} runs)")
+                continue
+            label, seed = part
             evaluation.logged(label if seed is None else f"{label} seed {seed}", report)
             if seed is None:
                 done(label)
