@@ -1,6 +1,7 @@
 """`fmm evaluate`: the protocol on exact ground truth, bad input, and a trained run's MLflow record."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -67,9 +68,11 @@ def test_speedup_finds_the_first_nfe_within_ten_percent():
 
 
 @pytest.mark.slow
-def test_evaluating_a_trained_run_logs_the_curve_figure_and_table(tmp_path):
+def test_evaluating_a_trained_run_logs_the_curve_figure_and_table(tmp_path, ray_cluster, gpu_node, capsys):
     """A run trained in this process (the loop through LocalSession, which leaves what `fmm train` leaves:
-    the run's record, checkpoints and MLflow run), then evaluated at three sets."""
+    the run's record, checkpoints and MLflow run), then evaluated at three sets; then again as a Ray
+    task asking for a GPU (`fmm evaluate --resources GPU=1`)."""
+    from fmm import cli
     from fmm.experiment.schema import load_experiment
     from fmm.jobs.train import open_run
     from fmm.worker.loop import run_loop
@@ -105,6 +108,21 @@ def test_evaluating_a_trained_run_logs_the_curve_figure_and_table(tmp_path):
     artifacts = {a.path for a in client.list_artifacts(record.mlflow_run_id, "evaluation")}
     assert artifacts == {"evaluation/evaluation.csv", "evaluation/evaluation.json", "evaluation/sw2_vs_steps.png",
                          "evaluation/samples.png"}
+    assert run.data.tags["eval_worker"] == "driver"
+
+    # As a Ray task that asks for a GPU: on the one node that declares one (not the head), on its CPU
+    # there (no CUDA here), logged into the run from there; a request no node holds is refused first.
+    address = ray_cluster.get_runtime_context().gcs_address
+    capsys.readouterr()
+    assert cli.main(["evaluate", run_dir, "--steps", "1,2", "--samples", "200", "--teacher-max-nfe", "4",
+                     "--resources", "GPU=8", "--address", address]) == 2
+    assert "evaluation.resources {'GPU': 8.0}: no node of this cluster holds that much" in capsys.readouterr().err
+    assert cli.main(["evaluate", os.path.relpath(run_dir), "--steps", "1,2", "--samples", "200", "--teacher-max-nfe",
+                     "4", "--resources", "GPU=1", "--address", address]) == 0
+    assert "flow_map" in capsys.readouterr().out  # the table, printed here
+    tags = client.get_run(record.mlflow_run_id).data.tags
+    assert (tags["eval_worker"], tags["eval_device"], tags["eval_node"], tags["eval_samples"]) == \
+        ("task", "cpu", gpu_node, "200")
 
 
 def test_evaluation_sets_are_independent_draws_and_set_zero_is_the_one_set_protocol(tmp_path):
@@ -159,3 +177,17 @@ def test_fmm_evaluate_refuses_a_device_this_machine_lacks_before_reading_anythin
     assert cli.main(["evaluate", str(tmp_path / "no-run"), "--device", "cuda", "--no-mlflow"]) == 2
     err = capsys.readouterr().err
     assert err == "fmm evaluate: error: device 'cuda': this machine has no CUDA device; use cpu.\n", err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--resources", "GPU"], "--resources takes NAME=AMOUNT pairs separated by commas"),
+    (["--resources", "GPU=0"], "each amount positive"),
+    (["--resources", "GPU=1,CPU=many"], "got 'CPU=many'"),
+    (["--address", "127.0.0.1:6379"], "--address is where the evaluation task of --resources runs"),
+])
+def test_fmm_evaluate_refuses_bad_resources_before_reading_anything(tmp_path, capsys, argv, message):
+    from fmm import cli
+
+    assert cli.main(["evaluate", str(tmp_path / "no-run"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fmm evaluate: error: ") and message in err and err.count("\n") == 1, err

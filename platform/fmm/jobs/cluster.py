@@ -11,6 +11,7 @@ import os
 
 import ray
 import ray._private.state
+import torch
 
 from fmm.experiment.schema import ExperimentConfig, read_yaml
 
@@ -88,3 +89,34 @@ def check_resources(exp: ExperimentConfig, cluster: dict[str, float], max_concur
     if need_gpu:
         fits = min(fits, int(have_gpu // need_gpu))
     return max(1, min(max_concurrent, fits))
+
+
+def node_shapes() -> tuple[list[dict[str, float]], str]:
+    """The resources of each node type of an autoscaling cluster, else of each live node, and which."""
+    types = node_types()
+    if types:
+        return [res for _, res, _ in types], "node type"
+    return [n["Resources"] for n in ray.nodes() if n["Alive"]], "node"
+
+
+def check_evaluation_fits(wanted: dict[str, float] | None, shapes: list[dict[str, float]], kind: str) -> None:
+    """An evaluation task that no node (type) can hold would wait for ever: refused before it is asked for."""
+    if wanted is not None and not any(all(res.get(k, 0.0) >= v for k, v in wanted.items()) for res in shapes):
+        offered = "; ".join(str({k: v for k, v in res.items() if k in ("CPU", "GPU") or k in wanted})
+                            for res in shapes)
+        raise ValueError(f"evaluation.resources {wanted}: no {kind} of this cluster holds that much ({offered}); "
+                         f"lower it or add a {kind} that does.")
+
+
+def ray_options(resources: dict[str, float]) -> dict:
+    """Evaluation resources as Ray task options: CPU, GPU and memory (bytes) by name, any other key a
+    custom resource."""
+    custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
+    return {"num_cpus": resources.get("CPU", 1), "num_gpus": resources.get("GPU", 0), "max_retries": 0,
+            **({"memory": resources["memory"]} if "memory" in resources else {}),
+            **({"resources": custom} if custom else {})}
+
+
+def evaluation_device() -> str:
+    """CUDA when this process has a GPU (a Ray task given one sees it), else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

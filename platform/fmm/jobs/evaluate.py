@@ -29,7 +29,9 @@ from fmm.experiment.builders import build_interpolant, build_objective, build_te
 from fmm.experiment.schema import ExperimentConfig
 from fmm.experiment.teachers import fetch_checkpoint, load_trained, on_path
 from fmm.flowmap import FlowMap, ModelVelocity, VelocityField
+from fmm.infra import storage
 from fmm.infra.tracking import RunLogger
+from fmm.jobs.cluster import check_evaluation_fits, connect, evaluation_device, node_shapes, ray_options
 
 
 def on_device(velocity, device) -> None:
@@ -57,6 +59,22 @@ def parse_steps(text: str) -> list[int]:
             raise ValueError(f"--steps takes positive integers separated by commas (e.g. 1,2,4,8,16); got {item!r}.")
         values.append(int(item))
     return sorted(set(values))
+
+
+def parse_resources(text: str) -> dict[str, float]:
+    """'GPU=1,CPU=8' -> {'GPU': 1.0, 'CPU': 8.0}: what an evaluation task asks Ray for."""
+    resources = {}
+    for item in str(text).split(","):
+        name, _, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = float("nan")
+        if not name.strip() or not value > 0 or not math.isfinite(value):
+            raise ValueError(f"--resources takes NAME=AMOUNT pairs separated by commas, each amount positive (e.g. "
+                             f"GPU=1,CPU=8; memory in bytes; other names are custom resources); got {item!r}.")
+        resources[name.strip()] = value
+    return resources
 
 
 def score_metrics(row: Row, prefix: str = "") -> dict[str, float]:
@@ -171,11 +189,11 @@ def own_teacher(model: FlowMap, exp: ExperimentConfig, protocol: Protocol,
 def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 0, metrics_wanted=None,
              teacher_max_nfe: int = 256, log_mlflow: bool = True, log=print, with_teacher: bool = True,
              teacher_path: str | None = None, sets: int = 1, fid_reference: str = "train",
-             fid_stats: str | None = None, fid_weights: str | None = None, device: str = "cpu") -> Report:
+             fid_stats: str | None = None, fid_weights: str | None = None, device: str | None = "cpu") -> Report:
     """Score the run (or flow-map file) at `source` by the protocol on `device` (the flow map, a network
-    teacher and the FID network; a closed-form velocity stays on the CPU in float64), logging into its
-    MLflow run if it has one."""
-    device = usable_device(device)
+    teacher and the FID network; a closed-form velocity stays on the CPU in float64; None: CUDA when
+    this process has it), logging into its MLflow run if it has one."""
+    device = usable_device(device or evaluation_device())
     model, exp, record = load_trained(source)
     model.to(device).eval()
     if exp is None:
@@ -196,3 +214,21 @@ def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 
         log_report(report, record.tracking_uri, record.mlflow_run_id, model=model, steps=steps, sampler=sampler,
                    sigma0=interpolant.sigma0)
     return report
+
+
+def evaluate_on_cluster(resources: dict[str, float], source: str, steps: list[int], *, address: str | None = None,
+                        **options) -> Report:
+    """`evaluate` as one Ray task that asks for `resources` (e.g. {GPU: 1}): it runs on a node that holds
+    them, on that node's GPU unless `device` says otherwise (its CPU when it has no CUDA), and logs into
+    the run from there; this process (e.g. the CPU head under `ray job submit`) loads neither model nor
+    data. A request no node can hold is refused before anything is asked for."""
+    connect(address)
+    check_evaluation_fits(resources, *node_shapes())
+    where_it_is = {k: storage.absolute(v) if isinstance(v, str) and not v.startswith("runs:/") else v
+                   for k, v in options.items() if k in ("teacher_path", "fid_stats", "fid_weights")}
+    task = ray.remote(**ray_options(resources))(evaluate)
+    source = source if source.startswith("runs:/") else storage.absolute(source)  # a task's cwd is not ours
+    try:
+        return ray.get(task.remote(source, steps, **{**options, **where_it_is}))
+    except ray.exceptions.RayTaskError as err:
+        raise err.cause from None  # the evaluation's own error (a bad run, metric, weights file), as here

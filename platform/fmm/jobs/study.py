@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
-import torch
 
 from fmm.checkpoint import load_flow_map
 from fmm.evaluation import fid
@@ -50,7 +49,8 @@ from fmm.groundtruth import ExactVelocity, make_target
 from fmm.infra import storage, tracking
 from fmm.infra.records import RUN_RECORD, STUDY_RECORD, SWEEP_RECORD, claim, open_record, read_record
 from fmm.infra.tracking import RunLogger
-from fmm.jobs.cluster import check_resources, connect, node_types
+from fmm.jobs.cluster import (check_evaluation_fits, check_resources, connect, evaluation_device, node_shapes,
+                              node_types, ray_options)
 from fmm.jobs.evaluate import log_floors, log_report, log_rows, where
 from fmm.jobs.sweep import best_rows, results_table, run_sweep
 from fmm.jobs.train import run_params, run_training
@@ -96,18 +96,8 @@ def cluster_width(plan: StudyPlan) -> int:
     width = min(check_resources(m.exp, resources, limit, types) for m in plan.methods)
     if plan.teacher is not None:
         check_resources(plan.teacher.exp, resources, 1, types)
-    shapes = [res for _, res, _ in types] if types else [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    check_evaluation_fits(plan.study.evaluation.resources, shapes, "node type" if types else "node")
+    check_evaluation_fits(plan.study.evaluation.resources, *node_shapes())
     return width
-
-
-def check_evaluation_fits(wanted: dict[str, float] | None, shapes: list[dict[str, float]], kind: str) -> None:
-    """An evaluation task that no node (type) can hold would wait for ever: refused before training."""
-    if wanted is not None and not any(all(res.get(k, 0.0) >= v for k, v in wanted.items()) for res in shapes):
-        offered = "; ".join(str({k: v for k, v in res.items() if k in ("CPU", "GPU") or k in wanted})
-                            for res in shapes)
-        raise ValueError(f"evaluation.resources {wanted}: no {kind} of this cluster holds that much ({offered}); "
-                         f"lower it or add a {kind} that does.")
 
 
 def train_member(exp_dump: dict[str, Any], parent_run_id: str, tags: dict[str, str], resume: bool) -> str:
@@ -135,11 +125,6 @@ def study_protocol(exp: ExperimentConfig, spec: EvaluationSpec, shape: tuple[int
     return build_protocol(exp, build_interpolant(exp), shape, spec.samples, spec.seed, spec.metrics, log,
                           sets=spec.sets, fid_reference=spec.fid_reference, fid_samples=spec.fid_samples,
                           fid_stats=spec.fid_stats, fid_weights=spec.fid_weights, device=device)
-
-
-def evaluation_device() -> str:
-    """CUDA when this process has a GPU (a Ray task given one sees it), else the CPU."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def score_method(exp: dict[str, Any], uri: str, spec: EvaluationSpec, shape: tuple[int, ...],
@@ -193,15 +178,6 @@ def score_reference(exp: dict[str, Any], uri: str, spec: EvaluationSpec, shape: 
     logger.set_tags({f"{prefix}_{key}": value for key, value in {**where(), "eval_device": device}.items()})
     logger.flush()
     return report
-
-
-def ray_options(resources: dict[str, float]) -> dict[str, Any]:
-    """evaluation.resources as Ray task options: CPU, GPU and memory (bytes) by name, any other key a
-    custom resource."""
-    custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
-    return {"num_cpus": resources.get("CPU", 1), "num_gpus": resources.get("GPU", 0), "max_retries": 0,
-            **({"memory": resources["memory"]} if "memory" in resources else {}),
-            **({"resources": custom} if custom else {})}
 
 
 class Evaluation:
