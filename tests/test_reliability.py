@@ -209,13 +209,14 @@ def test_a_lost_node_is_survived_elastically_or_by_waiting_for_a_node_to_return(
                RAY_health_check_initial_delay_ms="1000", RAY_health_check_period_ms="500",
                RAY_health_check_timeout_ms="500", RAY_health_check_failure_threshold="3")
     port = free_port()
+    address = f"127.0.0.1:{port}"
+    env["RAY_ADDRESS"] = address  # the head's own processes too: Ray Train's cleaner asks this cluster, no other
     head = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                           f"--temp-dir={temp}", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats",
+                           f"--temp-dir={temp}", "--num-cpus=1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                           f"--dashboard-port={free_port()}", "--disable-usage-stats",
                            f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
                            *own_ports()], capture_output=True, text=True, env=env, timeout=180)
     assert head.returncode == 0, head.stderr[-3000:]
-    address = f"127.0.0.1:{port}"
-    env["RAY_ADDRESS"] = address
 
     def train(name: str, scaling: dict, on_line) -> str:
         exp = {"name": name, "data": {"target": "flower"},
