@@ -162,11 +162,17 @@ def test_distributed_trials_run_as_torch_trainers(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path):
+def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path, ray_cluster, capsys, monkeypatch):
+    """The sweep's driver, joined to a running cluster (this session's), is SIGKILLed once two trials have
+    finished, as when the machine that submitted it goes; `--resume` finishes the sweep in one parent run
+    and does not train the finished trials again."""
+    from fmm import cli
+
     path = write_sweep(tmp_path, name="resumed", search={"num_samples": 3, "max_concurrent_trials": 1},
                        scheduler={"kind": "fifo"})
+    address = ray_cluster.get_runtime_context().gcs_address
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    cmd = [sys.executable, "-m", "fmm.cli", "sweep", path]
+    cmd = [sys.executable, "-m", "fmm.cli", "sweep", path, "--address", address]
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -181,15 +187,16 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path
         if finished >= 2:
             break
     assert finished >= 2, "the sweep did not finish two trials in time"
-    os.killpg(proc.pid, signal.SIGKILL)  # the sweep's local Ray shares its fate (and its process group)
+    os.killpg(proc.pid, signal.SIGKILL)  # Ray ends the dead driver's job: its running trial goes with it
     proc.wait(30)
-    time.sleep(3)
     client, _, kids = children(tmp_path, "resumed")
     done_before = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "train/loss"))
                    for r in kids if r.info.status == "FINISHED"}
-    out = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "3 trials (0 failed)" in out.stdout
+    monkeypatch.chdir(tmp_path)  # resumed in this process, already joined: no second interpreter start-up
+    code = cli.main(["sweep", path, "--resume", "--address", address])
+    out = capsys.readouterr()
+    assert code == 0, (out.out + out.err)[-3000:]
+    assert "3 trials (0 failed)" in out.out
     _, _, kids = children(tmp_path, "resumed")
     assert len({r.data.tags["ray_trial_id"] for r in kids}) == 3 and len(kids) == 3
     assert all(r.info.status == "FINISHED" for r in kids)
