@@ -222,13 +222,14 @@ def evaluate_on_cluster(resources: dict[str, float], source: str, steps: list[in
     them, on that node's GPU unless `device` says otherwise (its CPU when it has no CUDA), and logs into
     the run from there; this process (e.g. the CPU head under `ray job submit`) loads neither model nor
     data. A request no node can hold is refused before anything is asked for."""
+    def absolute(path: str | None) -> str | None:  # a task's working directory is not this one
+        return path if path is None or path.startswith("runs:/") else storage.absolute(path)
+
     connect(address)
     check_evaluation_fits(resources, *node_shapes())
-    where_it_is = {k: storage.absolute(v) if isinstance(v, str) and not v.startswith("runs:/") else v
-                   for k, v in options.items() if k in ("teacher_path", "fid_stats", "fid_weights")}
+    paths = {k: absolute(options.get(k)) for k in ("teacher_path", "fid_stats", "fid_weights")}
     task = ray.remote(**ray_options(resources))(evaluate)
-    source = source if source.startswith("runs:/") else storage.absolute(source)  # a task's cwd is not ours
     try:
-        return ray.get(task.remote(source, steps, **{**options, **where_it_is}))
+        return ray.get(task.remote(absolute(source), steps, **{**options, **paths}))
     except ray.exceptions.RayTaskError as err:
         raise err.cause from None  # the evaluation's own error (a bad run, metric, weights file), as here
