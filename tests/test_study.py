@@ -395,6 +395,13 @@ def test_a_study_with_seeds_killed_midway_resumes_without_retraining_finished_se
         printed = capsys.readouterr()
         return SimpleNamespace(returncode=code, stdout=printed.out, stderr=printed.err)
 
+    # A start killed between creating its MLflow run and writing its record leaves a RUNNING run no resume
+    # continues (the kill may or may not have hit that window; here it always has): it must not stand.
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    container = json.loads(record.read_text())["state"]["member_runs"]["lmd"]
+    stray = client.create_run(client.get_run(container).info.experiment_id, run_name="seeded-lmd-seed1", tags={
+        "mlflow.parentRunId": container, "study": "seeded", "study_member": "lmd", "study_role": "seed",
+        "study_seed": "1"}).info.run_id
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = resume()
@@ -404,7 +411,6 @@ def test_a_study_with_seeds_killed_midway_resumes_without_retraining_finished_se
         assert f"training seeded-lmd-seed{seed} " not in out.stdout
     state = json.loads(record.read_text())["state"]
     assert {k: v for k, v in state["seed_runs"]["lmd"].items() if k in finished} == finished
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     member = client.get_run(state["members"]["lmd"])
     assert member.info.status == "FINISHED" and member.data.tags["study_seeds"] == "0,1"
     assert [m.value for m in client.get_metric_history(member.info.run_id, "sw2/n")] == [4, 4]
@@ -413,6 +419,9 @@ def test_a_study_with_seeds_killed_midway_resumes_without_retraining_finished_se
     assert table_cells(out.stdout, ["lmd"])["lmd"] == [f"{m:.4g} ± {(h - lo) / 2:.2g}"
                                                        for m, lo, h in zip(held["sw2"], held["sw2/low"], held["sw2/high"])]
     seed_runs = client.search_runs([member.info.experiment_id], f"tags.mlflow.parentRunId = '{member.info.run_id}'")
+    assert {r.info.run_id: r.info.status for r in seed_runs if r.info.status != "FINISHED"} == {stray: "KILLED"}
+    assert client.get_run(stray).data.tags["superseded_by"] == state["seed_runs"]["lmd"]["1"]
+    seed_runs = [r for r in seed_runs if r.info.run_id != stray]
     assert sorted(r.data.tags["study_seed"] for r in seed_runs) == ["0", "1"]
     for run in seed_runs:
         tags = run.data.tags

@@ -383,6 +383,11 @@ def _method_curve(client, run, metric: str, label: str, sets: int, seed_runs=())
                  run.info.status, run.data.tags.get("eval_sampler", ""))
 
 
+def _standing(run) -> tuple[bool, int]:
+    """Which of two runs of one seed stands: one not ended as superseded (KILLED), then the newer."""
+    return run.info.status != "KILLED", run.info.start_time
+
+
 def _floor(client, run, metric: str, sets: int) -> list[float] | None:
     if f"floor/{metric}" not in run.data.metrics:
         return None
@@ -408,13 +413,16 @@ def compare_study(uri: str, parent_run_id: str, metric: str | None = None) -> Co
         if label not in latest or run.info.start_time > latest[label].info.start_time:
             latest[label] = run
     sets = int(parent.data.tags.get("eval_sets") or 1)
-    seeds: dict[str, list] = {}
-    for run in kids:
+    seeds: dict[str, dict[int, object]] = {}
+    for run in kids:  # per seed, the newest run: a start killed before its record was written left an empty one
         if run.data.tags.get("study_role") == "seed":
-            seeds.setdefault(run.data.tags["study_member"], []).append(run)
+            held = seeds.setdefault(run.data.tags["study_member"], {})
+            seed = int(run.data.tags["study_seed"])
+            if seed not in held or _standing(run) > _standing(held[seed]):
+                held[seed] = run
     curves = [_method_curve(client, run, metric, label, sets,
-                            sorted(seeds.get(label, []) if run.data.tags.get("kind") == "member" else [],
-                                   key=lambda r: int(r.data.tags["study_seed"])))
+                            [r for _, r in sorted(seeds.get(label, {}).items())]
+                            if run.data.tags.get("kind") == "member" else [])
               for label, run in latest.items()]
     teacher_runs = [r for r in kids if r.data.tags.get("study_role") == "teacher"]
     teacher = _solver_curves(client, teacher_runs[0], "teacher", metric, sets) if teacher_runs else {}

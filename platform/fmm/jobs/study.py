@@ -24,7 +24,8 @@ MLflow: one parent run per study (tag kind=study) with each member's run nested 
 study, study_member, study_role = teacher | method). With `seeds`, a method's run holds the mean and
 interval over its seeds x sets, and each seed trains in its own run nested under it (study_role =
 seed, study_seed). `fmm study --resume` reuses the parent run, skips runs that finished (and scores
-that were logged), and continues the others from their checkpoints in their own MLflow runs.
+that were logged), and continues the others from their checkpoints in their own MLflow runs; a run
+killed before its record was written is ended KILLED (tag superseded_by) and its seed trained anew.
 """
 
 from __future__ import annotations
@@ -318,6 +319,17 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
                 if seed is not None:
                     tracking.end_run(uri, member_run(member), "FAILED")
 
+    def end_strays(container: str, runs: dict[str, str]) -> None:
+        """A seed's start killed after its MLflow run was created but before its record was written leaves
+        a RUNNING run that no resume continues: ended KILLED, tagged with the run that stands instead."""
+        client = tracking.client(uri)
+        experiment_id = client.get_run(container).info.experiment_id
+        for run in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{container}'", max_results=5000):
+            if run.info.run_id not in runs.values() and run.info.status == "RUNNING":
+                tracking.set_tags(uri, run.info.run_id,
+                                  {"superseded_by": runs.get(run.data.tags.get("study_seed", ""), "-")})
+                tracking.end_run(uri, run.info.run_id, "KILLED")
+
     def finished(member: Member, seed: int | None, run_id: str) -> None:
         if seed is None:
             members[member.label] = run_id
@@ -326,6 +338,7 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
             runs[str(seed)] = run_id
             if len(runs) == len(member.seeds):
                 members[member.label] = member_run(member)
+                end_strays(members[member.label], runs)
                 tracking.end_run(uri, members[member.label], "FINISHED")
         record.save()
 
