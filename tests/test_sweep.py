@@ -173,12 +173,15 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path
     address = ray_cluster.get_runtime_context().gcs_address
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     cmd = [sys.executable, "-m", "fmm.cli", "sweep", path, "--address", address]
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    driver_log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=driver_log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.time() + 300
     finished = 0
     while time.time() < deadline and proc.poll() is None:
         time.sleep(2)
+        if not list(tmp_path.rglob("fmm_sweep.json")):  # the driver has not made its MLflow store and run yet:
+            continue  # opening the store here would create it too, racing the driver's own creation
         try:
             _, _, kids = children(tmp_path, "resumed")
         except Exception:  # the store or the parent run may not exist yet
@@ -186,7 +189,8 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path
         finished = sum(r.info.status == "FINISHED" for r in kids)
         if finished >= 2:
             break
-    assert finished >= 2, "the sweep did not finish two trials in time"
+    assert finished >= 2, (f"the sweep did not finish two trials in time (driver exit {proc.poll()}): "
+                           f"{(tmp_path / 'driver.log').read_text()[-3000:]}")
     os.killpg(proc.pid, signal.SIGKILL)  # Ray ends the dead driver's job: its running trial goes with it
     proc.wait(30)
     client, _, kids = children(tmp_path, "resumed")

@@ -79,16 +79,20 @@ def kill_node(node_manager_port: int) -> int:
     how many raylets it found."""
     parents = {}
     raylets = []
+    others = set()  # the node's log monitor: started beside the raylet, not under it
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f"--node_manager_port={node_manager_port}".encode() in f.read():
-                    raylets.append(int(pid))
+                cmdline = f.read()
+            if f"--node_manager_port={node_manager_port}".encode() in cmdline:
+                raylets.append(int(pid))
+            elif f"{node_temp_dir(node_manager_port)}/".encode() in cmdline:
+                others.add(int(pid))
         except OSError:
             continue
-    doomed = set(raylets)
+    doomed = set(raylets) | others
     while True:
         more = {pid for pid, parent in parents.items() if parent in doomed} - doomed
         if not more:
