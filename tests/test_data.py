@@ -107,6 +107,9 @@ def test_data_prepare_command(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fmm.cli", "data", "prepare", "checkerboard", "--out", str(out),
                              "--samples", "500", "--shards", "2"], capture_output=True, text=True)
     assert result.returncode == 0 and "wrote 500 samples of shape [2] (float32) in 2 Parquet shards" in result.stdout
+    # how far it has got, on standard error: the reading, then a line per shard
+    assert "[fmm] reading checkerboard" in result.stderr and "read 500 rows of shape [2]" in result.stderr
+    assert "part-00001.parquet: 2/2 shards, 500/500 rows (100%)" in result.stderr, result.stderr
     result = subprocess.run([sys.executable, "-m", "fmm.cli", "data", "prepare", "cifar10", "--out", str(out),
                              "--source", str(tmp_path / "none")], capture_output=True, text=True)
     assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr
@@ -173,6 +176,7 @@ def test_your_own_arrays_image_folders_and_parquet_tables_become_the_same_shards
         else:
             assert torch.equal(images, torch.from_numpy(x).float() / 127.5 - 1) and labels.tolist() == y.tolist()
         assert "wrote 90 samples of shape [1, 8, 8] (uint8_image" in out
+        assert "90 rows of shape [1, 8, 8], checked" in err and "3/3 shards, 90/90 rows (100%)" in err
     code, out, err = prepare_from(capsys, "--from", tmp_path / "points.npy", "--out", tmp_path / "points")
     assert code == 0, err
     points, manifest = read_part(str(tmp_path / "points"))

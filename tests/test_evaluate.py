@@ -68,7 +68,8 @@ def test_speedup_finds_the_first_nfe_within_ten_percent():
 
 
 @pytest.mark.slow
-def test_evaluating_a_trained_run_logs_the_curve_figure_and_table(tmp_path, ray_cluster, gpu_node, capsys):
+def test_evaluating_a_trained_run_logs_the_curve_figure_and_table(tmp_path, ray_cluster, gpu_node, capsys,
+                                                                   monkeypatch):
     """A run trained in this process (the loop through LocalSession, which leaves what `fmm train` leaves:
     the run's record, checkpoints and MLflow run), then evaluated at three sets; then again as a Ray
     task asking for a GPU (`fmm evaluate --resources GPU=1`)."""
@@ -123,6 +124,14 @@ def test_evaluating_a_trained_run_logs_the_curve_figure_and_table(tmp_path, ray_
     tags = client.get_run(record.mlflow_run_id).data.tags
     assert (tags["eval_worker"], tags["eval_device"], tags["eval_node"], tags["eval_samples"]) == \
         ("task", "cpu", gpu_node, "200")
+
+    # Named by its MLflow run (runs:/<id>), the run is logged into too, and says so.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", record.tracking_uri)
+    assert cli.main(["evaluate", f"runs:/{record.mlflow_run_id}", "--steps", "1", "--samples", "100",
+                     "--no-teacher", "--metrics", "sw2"]) == 0
+    assert f"logged into MLflow run {record.mlflow_run_id}" in capsys.readouterr().out
+    tags = client.get_run(record.mlflow_run_id).data.tags
+    assert (tags["eval_worker"], tags["eval_samples"]) == ("driver", "100")
 
 
 def test_evaluation_sets_are_independent_draws_and_set_zero_is_the_one_set_protocol(tmp_path):

