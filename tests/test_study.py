@@ -317,6 +317,12 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
     assert reseeded[0].data.tags["study_role"] == "seed" and "sw2/set2" in reseeded[0].data.metrics
     lsd_lr = {client.get_run(best).data.params["optim.lr"], runs["lsd"].data.params["optim.lr"]}
     assert len(lsd_lr) == 1  # the reseeded runs train the best trial's configuration
+    # Every run, down to a sweep trial and a reseeded run created in Ray tasks, names the study's checkout,
+    # user and command (MLflow's source tags).
+    for run in (runs["teacher"], runs["cd"], client.get_run(best), reseeded[0]):
+        assert {k: run.data.tags.get(k) for k in ("git_commit", "git_dirty", "mlflow.user", "mlflow.source.name")} \
+            == {k: parent.data.tags[k] for k in ("git_commit", "git_dirty", "mlflow.user", "mlflow.source.name")}
+    assert parent.data.tags["mlflow.source.name"] == "fmm study"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
     assert artifacts == {"comparison/comparison.csv", "comparison/comparison.md", "comparison/sw2_vs_steps.png"}
     local = client.download_artifacts(parent.info.run_id, "comparison/comparison.csv", str(tmp_path))

@@ -430,6 +430,7 @@ def _main(argv: list[str] | None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    os.environ.setdefault("FMM_COMMAND", f"fmm {args.command}")  # the runs' mlflow.source.name
     try:
         return args.func(args)
     except BrokenPipeError as err:  # the reader of our output left (handled in main), or another pipe broke

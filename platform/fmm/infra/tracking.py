@@ -19,6 +19,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from fmm.infra import provenance
 from fmm.infra.storage import refuse_credentials
 
 PARAM_CHUNK = 100  # MLflow's limit of params per log_batch
@@ -70,10 +71,15 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def start_run(uri: str, experiment_id: str, run_name: str, params: dict[str, str], tags: dict[str, str],
               parent_run_id: str | None = None) -> str:
-    """Create a run (status RUNNING) with its params and tags; returns the run id."""
+    """Create a run (status RUNNING) with its params and tags; returns the run id. A top-level run gets
+    this process's provenance tags (fmm.infra.provenance), a nested one its parent's: a study member
+    trained in a Ray task, or a sweep trial, names the checkout and the user that started the study."""
     c = client(uri)
     if parent_run_id:
-        tags = {**tags, "mlflow.parentRunId": parent_run_id}
+        held = c.get_run(parent_run_id).data.tags
+        tags = {**{k: held[k] for k in provenance.INHERITED if k in held}, **tags, "mlflow.parentRunId": parent_run_id}
+    else:
+        tags = {**provenance.run_tags(), **tags}
     run = c.create_run(experiment_id, run_name=run_name, tags=tags)
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), PARAM_CHUNK):

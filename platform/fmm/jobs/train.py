@@ -9,8 +9,6 @@ into the same MLflow run.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,15 +29,6 @@ class TrainResult:
     tracking_uri: str
     return_value: dict[str, Any] | None
     checkpoint_path: str | None
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
 
 
 def run_params(exp: ExperimentConfig) -> dict[str, str]:
@@ -63,7 +52,7 @@ def open_run(exp: ExperimentConfig, *, resume: bool = False, parent_run_id: str 
     run_dir = storage.join(exp.storage.path, exp.name)
     tags = {"objective": exp.objective["name"], "schedule": exp.interpolant.schedule,
             "dataset": exp.data.target or exp.data.path, "network": exp.network["name"],
-            "git_commit": git_commit(), "ray_run": exp.name, "ray_storage": run_dir, **(extra_tags or {})}
+            "ray_run": exp.name, "ray_storage": run_dir, **(extra_tags or {})}
     return open_record(run_dir, RUN_RECORD, kind="run", name=exp.name, resume=resume,
                        resume_hint=f"'fmm train --resume {run_dir}'", tracking_uri=tracking.resolve_uri(exp.tracking.uri),
                        experiment=exp.tracking.experiment, config=exp.model_dump(),

@@ -1,0 +1,73 @@
+"""Where a run's code came from and who started it: the tags every top-level MLflow run gets, and that
+its nested runs (sweep trials, study members and seeds) copy from their parent.
+
+- `git_commit` and `mlflow.source.git.commit`: the commit of the checkout that started the run,
+  `git_dirty`: whether tracked files differed from it (`true`, `false`, or `unknown` outside a checkout);
+- `mlflow.user`, `mlflow.source.name` (the fmm command) and `mlflow.source.type` (`JOB` under
+  `ray job submit`, with `ray_job_submission_id`; `LOCAL` otherwise), which the MLflow UI shows.
+
+Code shipped to a cluster carries no `.git`: the submitting machine then passes its own values in the
+job's environment, `FMM_GIT_COMMIT`, `FMM_GIT_DIRTY` and `FMM_USER`, which take precedence here.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import json
+import os
+import subprocess
+import sys
+
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INHERITED = ("git_commit", "git_dirty", "mlflow.source.git.commit", "mlflow.user", "mlflow.source.name",
+             "mlflow.source.type", "ray_job_submission_id")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=PACKAGE_DIR)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@functools.lru_cache(maxsize=1)
+def checkout() -> tuple[str, str]:
+    """(commit, dirty) of the checkout fmm is imported from, or the submitter's from the environment."""
+    commit = os.environ.get("FMM_GIT_COMMIT") or _git("rev-parse", "HEAD") or "unknown"
+    dirty = os.environ.get("FMM_GIT_DIRTY")
+    if dirty is None:
+        status = _git("status", "--porcelain", "--untracked-files=no") if commit != "unknown" else None
+        dirty = "unknown" if status is None else str(bool(status)).lower()
+    return commit, dirty
+
+
+def _user() -> str:
+    try:
+        return os.environ.get("FMM_USER") or getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        return "unknown"
+
+
+def _submission_id() -> str | None:
+    """The `ray job submit` submission this process is the entrypoint (or a worker) of, if any."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return None
+    return (config.get("metadata") or {}).get("job_submission_id")
+
+
+def run_tags() -> dict[str, str]:
+    """The provenance tags of a run started by this process."""
+    commit, dirty = checkout()
+    command = os.environ.get("FMM_COMMAND") or os.path.basename(sys.argv[0] or "python")
+    tags = {"git_commit": commit, "git_dirty": dirty, "mlflow.user": _user(), "mlflow.source.name": command,
+            "mlflow.source.type": "LOCAL"}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    submission = _submission_id()
+    if submission:
+        tags.update({"mlflow.source.type": "JOB", "ray_job_submission_id": submission})
+    return tags
