@@ -47,8 +47,10 @@ def test_a_typo_in_the_cluster_file_is_the_schema_error_users_see():
         jsonschema.validate(config, schema())
 
 
-def test_node_types_add_up_and_hold_the_shipped_experiments():
+def test_node_types_add_up_and_hold_the_shipped_experiments(monkeypatch):
     from fmm.experiment.schema import load_experiment
+
+    monkeypatch.setenv("FMM_BUCKET", "s3://a-bucket/fmm")
     from fmm.jobs.cluster import check_resources
 
     config = cluster()
@@ -62,8 +64,8 @@ def test_node_types_add_up_and_hold_the_shipped_experiments():
     assert all("IamInstanceProfile" in spec["node_config"] for spec in types.values())  # S3 from every node
     assert "127.0.0.1" in " ".join(config["head_start_ray_commands"])  # dashboard reached by port-forwarding only
     for name in ("cifar10_lsd", "imagenet32_lsd"):
-        with open(os.path.join(ROOT, "experiments", "train", f"{name}.yaml")) as f:
-            exp = load_experiment(raw=yaml.safe_load(f))
+        exp = load_experiment(os.path.join(ROOT, "experiments", "train", f"{name}.yaml"))
+        assert exp.storage.path == "s3://a-bucket/fmm/runs"
         assert check_resources(exp, {"CPU": 4.0}, 2, node_types(config)) >= 1
     too_big = load_experiment(raw={"name": "x", "data": {"target": "flower"}, "network": {"name": "mlp", "dim": 2},
                                    "objective": {"name": "lsd"},
@@ -132,7 +134,37 @@ def test_the_runtime_env_is_one_ray_accepts():
 
     with open(os.path.join(ROOT, "cluster", "runtime_env.yaml")) as f:
         env = RuntimeEnv(**yaml.safe_load(f))
-    assert "MLFLOW_TRACKING_URI" in env["env_vars"] and "pip" not in env  # the image holds every dependency
+    assert {"MLFLOW_TRACKING_URI", "FMM_BUCKET"} <= set(env["env_vars"]) and "pip" not in env  # the image holds all
+
+
+def test_the_shipped_files_take_bucket_and_tracking_from_the_environment(tmp_path, monkeypatch):
+    """No placeholder in an experiment, sweep or study file: `${FMM_BUCKET}` where data and storage go,
+    and no tracking.uri to override the runtime env's MLFLOW_TRACKING_URI; unset, the variable is named."""
+    import glob
+
+    from fmm.experiment.schema import load_experiment
+    from fmm.experiment.study_schema import load_study
+    from fmm.experiment.sweep_schema import load_sweep
+
+    files = glob.glob(os.path.join(ROOT, "experiments", "*", "*.yaml"))
+    assert not [f for f in files if "YOUR-" in open(f).read()]
+    uses = [f for f in files if "${FMM_BUCKET}" in open(f).read()]
+    assert len(uses) == 6
+    for path in uses:
+        kind = os.path.basename(os.path.dirname(path))
+        load = {"train": load_experiment, "sweeps": load_sweep, "studies": load_study}[kind]
+        monkeypatch.delenv("FMM_BUCKET", raising=False)
+        with pytest.raises(ValueError, match=r"path uses \$\{FMM_BUCKET\}, which is not set in this "
+                                             r"environment: export it \(e.g. FMM_BUCKET=s3://my-bucket/fmm\)"):
+            load(path)
+        monkeypatch.setenv("FMM_BUCKET", "s3://key:secret@a-bucket/fmm")
+        with pytest.raises(ValueError, match=r"\$\{FMM_BUCKET\} \(used by .*\) carries credentials"):
+            load(path)
+        monkeypatch.setenv("FMM_BUCKET", "s3://a-bucket/fmm")
+        loaded = load(path)
+        config = loaded[0].model_dump() if kind == "sweeps" else loaded.model_dump()
+        assert config["storage"]["path"].startswith("s3://a-bucket/fmm/")
+        assert config["tracking"]["uri"] is None  # MLFLOW_TRACKING_URI decides
 
 
 # -- autoscaling on one machine -----------------------------------------------------------------------

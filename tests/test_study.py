@@ -154,9 +154,13 @@ def test_compare_names_a_missing_experiment_and_what_exists(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("name", ["toy_flower", "toy_flower_seeds", "toy_flower_init", "digits", "cifar10", "imagenet32"])
-def test_the_shipped_studies_are_valid(tmp_path, name):
+def test_the_shipped_studies_are_valid(tmp_path, name, monkeypatch):
     path = os.path.join(ROOT, "experiments", "studies", f"{name}.yaml")
+    monkeypatch.setenv("FMM_BUCKET", "s3://a-bucket/fmm")  # the cluster studies keep data and storage under it
     study = load_study(path)
+    if name in ("cifar10", "imagenet32"):
+        assert study.base["data"]["path"] == f"s3://a-bucket/fmm/data/{name}"
+        assert study.storage.path == "s3://a-bucket/fmm/studies" and study.tracking.uri is None
     assert isinstance(study, StudyConfig)
     if name == "digits":
         from fmm.experiment.data import prepare

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from typing import Any, Literal
 
 import yaml
@@ -188,7 +189,35 @@ def read_yaml(path: str | None, what: str) -> dict[str, Any]:
         raise ValueError(f"{what} file {path!r} holds a {type(tree).__name__}, not a mapping of sections "
                          f"(see experiments/).")
     _check_size(tree, f"{what} file {path!r}")
-    return tree
+    return interpolate(tree, f"{what} file {path!r}")
+
+
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def interpolate(tree: Any, where: str, key: str = "") -> Any:
+    """`${NAME}` in any string value replaced by the environment variable NAME (e.g. `${FMM_BUCKET}`,
+    which a cluster's runtime env sets once for every file). An unset or empty variable, or one whose
+    value carries credentials, is a ValueError naming it and the key."""
+    if isinstance(tree, dict):
+        return {k: interpolate(v, where, f"{key}.{k}" if key else str(k)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [interpolate(v, where, f"{key}[{i}]") for i, v in enumerate(tree)]
+    if not isinstance(tree, str) or "${" not in tree:
+        return tree
+
+    def value(match: re.Match) -> str:
+        name = match.group(1)
+        found = os.environ.get(name)
+        if not found:
+            example = " (e.g. FMM_BUCKET=s3://my-bucket/fmm)" if name == "FMM_BUCKET" else ""
+            raise ValueError(f"{where}: {key} uses ${{{name}}}, which is not set in this environment: export it"
+                             f"{example}, set it in the cluster's runtime env (cluster/runtime_env.yaml), or give "
+                             f"the key with --set {key}=VALUE.")
+        refuse_credentials(found, f"${{{name}}} (used by {key})")
+        return found
+
+    return ENV_REFERENCE.sub(value, tree)
 
 
 def _check_size(tree: Any, where: str) -> None:
