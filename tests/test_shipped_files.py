@@ -13,6 +13,12 @@ from fmm.experiment.sweep_schema import load_sweep
 from support.experiments import ROOT
 
 
+@pytest.fixture(autouse=True)
+def bucket(monkeypatch):
+    """The cluster files keep data and storage under ${FMM_BUCKET} (set by the cluster's runtime env)."""
+    monkeypatch.setenv("FMM_BUCKET", "s3://a-bucket/fmm")
+
+
 def shipped(kind: str) -> list[str]:
     return sorted(glob.glob(os.path.join(ROOT, "experiments", kind, "*.yaml")))
 
