@@ -257,6 +257,18 @@ def test_ray_job_submit_runs_the_toy_sweep_on_a_started_head(tmp_path):
 
 # -- the shipped sweep files ---------------------------------------------------------------------------
 
+def test_parallel_tpe_spreads_its_suggestions_with_the_constant_liar(tmp_path):
+    """Trials side by side: TPE counts the running ones as bad results (constant liar) and so suggests
+    elsewhere; one at a time there is nothing to lie about. Random search stays random."""
+    from fmm.jobs.sweep import make_sampler
+
+    sweep, _ = load_sweep(os.path.join(ROOT, "experiments", "sweeps", "flower_toy.yaml"), [f"storage.path={tmp_path}"])
+    assert sweep.search.sampler == "tpe"
+    assert make_sampler(sweep, 4)._constant_liar is True and make_sampler(sweep, 1)._constant_liar is False
+    sweep.search.sampler = "random"
+    assert type(make_sampler(sweep, 4)).__name__ == "RandomSampler"
+
+
 def test_the_toy_sweep_file_is_valid(tmp_path):
     sweep, base = load_sweep(os.path.join(ROOT, "experiments", "sweeps", "flower_toy.yaml"),
                              [f"storage.path={tmp_path}"])

@@ -50,6 +50,16 @@ def finished_report(run, steps: int) -> dict[str, Any]:
             **{k: v for k, v in metrics.items() if k.startswith("eval/")}}
 
 
+def make_sampler(sweep: SweepConfig, concurrency: int) -> optuna.samplers.BaseSampler:
+    """Optuna's sampler for the sweep: TPE over grouped (conditional) parameters, with the constant liar
+    when trials run side by side (a running trial counts as a bad result, so that parallel suggestions
+    spread out instead of piling onto one region), or random search."""
+    if sweep.search.sampler != "tpe":
+        return optuna.samplers.RandomSampler(seed=sweep.search.seed)
+    return optuna.samplers.TPESampler(seed=sweep.search.seed, group=True, multivariate=True,
+                                      constant_liar=concurrency > 1)
+
+
 def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     """One Tune trial: build the trial's experiment, open (or on a restart, find) its nested MLflow
     run, train, and close the run with its status and, on failure, the reason."""
@@ -154,9 +164,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False,
         else:
             metrics = sweep.metrics
             single = len(metrics) == 1
-            sampler_cls = optuna.samplers.TPESampler if sweep.search.sampler == "tpe" else optuna.samplers.RandomSampler
-            sampler = (sampler_cls(seed=sweep.search.seed, group=True) if sweep.search.sampler == "tpe"
-                       else sampler_cls(seed=sweep.search.seed))
+            sampler = make_sampler(sweep, concurrency)
             search = OptunaSearch(space=SearchSpace(sweep, base),
                                   metric=metrics[0].name if single else [m.name for m in metrics],
                                   mode=metrics[0].mode if single else [m.mode for m in metrics], sampler=sampler)
