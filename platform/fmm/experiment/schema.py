@@ -212,8 +212,7 @@ def interpolate(tree: Any, where: str, key: str = "") -> Any:
         if not found:
             example = " (e.g. FMM_BUCKET=s3://my-bucket/fmm)" if name == "FMM_BUCKET" else ""
             raise ValueError(f"{where}: {key} uses ${{{name}}}, which is not set in this environment: export it"
-                             f"{example}, set it in the cluster's runtime env (cluster/runtime_env.yaml), or give "
-                             f"the key with --set {key}=VALUE.")
+                             f"{example}, or set it in the cluster's runtime env (cluster/runtime_env.yaml).")
         refuse_credentials(found, f"${{{name}}} (used by {key})")
         return found
 
