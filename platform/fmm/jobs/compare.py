@@ -414,7 +414,7 @@ def compare_study(uri: str, parent_run_id: str, metric: str | None = None) -> Co
             latest[label] = run
     sets = int(parent.data.tags.get("eval_sets") or 1)
     seeds: dict[str, dict[int, object]] = {}
-    for run in kids:  # per seed, the newest run: a start killed before its record was written left an empty one
+    for run in kids:  # per seed, the run that stands: a start killed before its record was written left a stray
         if run.data.tags.get("study_role") == "seed":
             held = seeds.setdefault(run.data.tags["study_member"], {})
             seed = int(run.data.tags["study_seed"])

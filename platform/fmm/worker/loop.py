@@ -238,7 +238,7 @@ class Progress:
         return self.latest
 
     def print(self, step: int) -> None:
-        """`[fmm] step    100/3000 (  3%)  loss 0.4578  lr 1.00e-03  11,529 samples/s  ETA 0:04:13`: the ETA
+        """`[fmm] step    100/3000 (  3%)  loss 0.4578  lr 1.00e-03  11,529 samples/s  ETA 00:04:13`: the ETA
         at the rate since the last line."""
         m, total = self.latest, self.exp.train.steps
         eta = time.strftime("%H:%M:%S", time.gmtime(self.eta)) if self.eta < 86400 else (
