@@ -186,7 +186,7 @@ def test_transient_s3_errors_are_retried_and_a_refusal_stops_the_run_clearly_wit
     folder.mkdir()
     for name in ("state.pt", "state.sha256"):
         s3.download_file("fmm", f"s3faults/s3faults/step_00000100/{name}", str(folder / name))
-    payload = torch.load(verify_state(str(folder)), map_location="cpu", weights_only=False)
+    payload = torch.load(verify_state(str(folder)), map_location="cpu", weights_only=True)
     assert payload["step"] == 100
 
 

@@ -1,6 +1,7 @@
 """`fmm sample`: deterministic given the noise, both output formats, clear errors. In-process through
 `cli.main`, with one run of the installed command."""
 
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -91,3 +92,23 @@ def test_a_consistency_model_is_sampled_with_its_own_sampler_unless_told_otherwi
                                    generator=torch.Generator().manual_seed(6)).samples.numpy()
     assert np.array_equal(outs["own"], outs["again"]) and np.allclose(outs["own"], consistency, atol=1e-6)
     assert np.allclose(outs["chain"], chain, atol=1e-6) and not np.allclose(outs["own"], chain)
+
+
+MARK = ""
+
+
+class Payload:
+    """A class pickled into a checkpoint: loading it would run code from the file."""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {MARK}",))
+
+
+def test_a_checkpoint_that_unpickles_code_is_refused_before_any_code_runs(tmp_path, run, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "MARK", str(tmp_path / "code-ran"))
+    model = FlowMap(make_network("mlp", dim=2, width=16, depth=1))
+    ckpt = str(tmp_path / "map.pt")
+    save_flow_map(ckpt, model, extra={"note": Payload()})
+    result = run(ckpt, "--steps", "2", "--out", str(tmp_path / "x.npy"))
+    assert result.returncode == 2 and "holds Python objects" in result.stderr and "weights_only=True" in result.stderr
+    assert not (tmp_path / "code-ran").exists() and not (tmp_path / "x.npy").exists()

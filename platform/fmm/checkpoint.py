@@ -8,6 +8,7 @@ the velocity teacher of a distillation run (its diagonal v_{t,t} is the velocity
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -29,6 +30,22 @@ def save_flow_map(path: str, model: FlowMap, ema_state: dict[str, Any] | None = 
     os.replace(tmp, path)
 
 
+def load_payload(source, map_location: str | torch.device = "cpu", name: str | None = None) -> Any:
+    """A checkpoint file's payload (flow map or training state), read with `weights_only=True`: tensors
+    and plain containers only, so that a file from storage or MLflow cannot run code when it is read.
+    A file that needs more (pickled classes or functions) is refused with a ValueError saying so."""
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise
+        found = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+        raise ValueError(f"{name or source!r} holds Python objects that only running code from the file could rebuild"
+                         f"{f' ({found})' if found else ''}; fmm reads checkpoints as tensors and plain containers "
+                         f"only (torch.load with weights_only=True) and refuses it. Save the weights as a dict of "
+                         f"tensors (fmm.checkpoint.save_flow_map).") from None
+
+
 def load_flow_map(path: str, *, use_ema: bool = True, map_location: str | torch.device = "cpu") -> FlowMap:
     """Rebuild the flow map saved at `path`, with its EMA weights when present and `use_ema`."""
     return read_flow_map(path, use_ema=use_ema, map_location=map_location)[0]
@@ -40,7 +57,9 @@ def read_flow_map(path: str, *, use_ema: bool = True,
     if not os.path.isfile(path):
         raise ValueError(f"no flow-map checkpoint at {path!r}: give the path of a file written by fmm.")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        payload = load_payload(path, map_location)
+    except ValueError:
+        raise
     except Exception as err:  # truncated or foreign files raise several types (EOFError, UnpicklingError, ...)
         raise ValueError(f"{path!r} cannot be read as a flow-map checkpoint (truncated or corrupt?): "
                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None

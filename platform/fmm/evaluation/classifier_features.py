@@ -63,7 +63,7 @@ class ClassifierFeatures:
         path = os.path.join(cache, f"{key}-{tag}.pt")
         if os.path.isfile(path):
             self.model = SmallClassifier(images.shape[1], int(labels.max()) + 1)
-            self.model.load_state_dict(torch.load(path, map_location="cpu"))
+            self.model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             self.model.eval()
         else:
             self.model = train_classifier(images, labels, epochs)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from fmm.checkpoint import load_flow_map
+from fmm.checkpoint import load_flow_map, load_payload
 from fmm.experiment.builders import build_interpolant
 from fmm.experiment.schema import ExperimentConfig
 from fmm.experiment.teachers import fetch_checkpoint
@@ -27,7 +27,7 @@ def method_sampler(path: str, kind: str | None, seed: int, gamma: float = 0.0):
     """(sigma0, sampler) for the run that wrote the checkpoint: its method's own sampler unless `kind`
     names one (flow_map, consistency, gamma); sigma0 = 1 and the flow-map chain when it records no
     experiment."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_payload(path)
     config = payload.get("config")
     if not config:
         if kind not in (None, "flow_map"):

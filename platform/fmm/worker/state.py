@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
+from fmm.checkpoint import load_payload
 from fmm.experiment.schema import ExperimentConfig
 from fmm.flowmap import TwoTimeMap
 from fmm.infra import storage
@@ -90,7 +91,7 @@ def apply_payload(state: State, payload: dict[str, Any]) -> None:
 
 
 def load_state(state: State, folder: str) -> None:
-    apply_payload(state, torch.load(verify_state(folder), map_location="cpu", weights_only=False))
+    apply_payload(state, load_payload(verify_state(folder)))
 
 
 @contextlib.contextmanager
@@ -138,7 +139,7 @@ def restore_checkpoint(state: State, latest, run_dir: str, log=print) -> tuple[s
 
 def export_flow_map(state_path: str, out_path: str) -> None:
     """A training checkpoint's EMA weights as a flow-map file (what teachers and samplers load)."""
-    payload = torch.load(state_path, map_location="cpu", weights_only=False)
+    payload = load_payload(state_path)
     torch.save({"format": "fmm-flowmap/1", "network": payload["network"], "model": payload["ema"], "ema": None,
                 "form": payload.get("form", "linear"), "config": payload["config"], "step": payload["step"]}, out_path)
 
@@ -169,7 +170,7 @@ def rollback(state: State, saved: bytes, lr_factor: float) -> None:
     `lr_factor`."""
     rollbacks = state.rollbacks + 1
     device = next(state.model.parameters()).device
-    apply_payload(state, torch.load(io.BytesIO(saved), map_location=device, weights_only=False))
+    apply_payload(state, load_payload(io.BytesIO(saved), device, "the rollback snapshot"))
     scheduler = state.scheduler  # a LambdaLR: lr = base * lambda(step); the snapshot's base has its own rollbacks
     scheduler.base_lrs = [lr * lr_factor ** (rollbacks - state.rollbacks) for lr in scheduler.base_lrs]
     state.rollbacks = rollbacks
