@@ -103,7 +103,7 @@ def test_the_loop_is_a_function_of_its_config(tmp_path):
     _, a, _, _ = run(tmp_path / "a")
     _, b, _, _ = run(tmp_path / "b")
     weights = [torch.load(os.path.join(tmp_path / x, "runs", "toy", "step_00000040", "state.pt"),
-                          weights_only=False)["model"] for x in ("a", "b")]
+                          weights_only=True)["model"] for x in ("a", "b")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
@@ -129,3 +129,48 @@ def test_periodic_evaluation_over_several_sets_is_their_mean_and_set_zero_is_the
     for key, value in mean.items():
         assert value == pytest.approx(sum(ev(model)[key] for ev in per_set) / 3, rel=1e-12)
     assert single(model)["eval/sw2_steps001"] == per_set[0](model)["eval/sw2_steps001"]
+
+
+# -- what MLflow shows of a run -------------------------------------------------------------------------------
+
+def test_metrics_are_live_and_a_restart_neither_repeats_nor_loses_a_step(tmp_path):
+    """tracking.flush_seconds: 0 writes at every log line: step 15 is in MLflow before the failure at step
+    19, though the last checkpoint is step 10; the restart from step 10 runs 11..20 again but logs only
+    what MLflow lacks, so each step holds one value, the one logged first."""
+    live = dict(tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tests", "flush_seconds": 0})
+    with pytest.raises(RuntimeError, match="injected failure at step 19"):
+        run(tmp_path, train__steps=20, train__debug={"fail_at_step": 19}, **live)
+    exp = experiment(tmp_path, **{**SMALL, "train__steps": 20})
+    record = open_run(exp, resume=True)
+    before = history(record, "train/loss")
+    assert [s for s, _ in before] == [5, 10, 15]
+    _, record, _, result = run(tmp_path, resume=True, train__steps=20, train__debug={"fail_at_step": 19}, **live)
+    after = history(record, "train/loss")
+    assert result["step"] == 20 and [s for s, _ in after] == [5, 10, 15, 20]
+    assert after[:3] == before
+    lrs = [s for s, _ in history(record, "train/lr")]
+    assert lrs == sorted(set(lrs)) == [5, 10, 15, 20]
+
+
+def test_a_run_carries_its_config_dataset_images_and_system_metrics_into_mlflow(tmp_path):
+    import yaml
+
+    from fmm.experiment.schema import load_experiment
+
+    exp, record, _, _ = run(tmp_path, train__steps=120, train__eval_every=40, train__eval_samples=200,
+                            tracking={"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tests",
+                                      "system_metrics_seconds": 0.1})
+    client = MlflowClient(record.tracking_uri)
+    run_ = client.get_run(record.mlflow_run_id)
+    assert client.get_experiment(run_.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    config = yaml.safe_load(open(client.download_artifacts(record.mlflow_run_id, "config.yaml", str(tmp_path))))
+    assert load_experiment(raw=config) == exp  # the artifact runs again as it is
+    (dataset,) = run_.inputs.dataset_inputs
+    assert dataset.dataset.name == "flower" and "fmm:target/flower" in dataset.dataset.source
+    assert [t.value for t in dataset.tags if t.key == "mlflow.data.context"] == ["training"]
+    images = [a.path for a in client.list_artifacts(record.mlflow_run_id, "images")]
+    steps = sorted({int(p.split("+step+")[1].split("+")[0]) for p in images if p.startswith("images/samples+step+")})
+    assert steps == [40, 80, 120]  # the step slider: each periodic evaluation (and the end)
+    assert "system/cpu_utilization_percentage" in run_.data.metrics
+    assert run_.data.metrics["system/system_memory_usage_megabytes"] > 0
+    assert "train.debug" not in " ".join(run_.data.params)  # debug knobs only when set

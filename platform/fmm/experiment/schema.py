@@ -116,6 +116,8 @@ class StorageConfig(StrictModel):
 class TrackingConfig(StrictModel):
     uri: str | None = None
     experiment: str = "fmm"
+    flush_seconds: float = Field(5, ge=0, le=3600)          # training metrics reach MLflow within this delay
+    system_metrics_seconds: float = Field(10, ge=0, le=3600)  # CPU, memory, GPU sampled this often; 0: off
 
 
 class ExperimentConfig(StrictModel):

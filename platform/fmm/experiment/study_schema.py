@@ -201,7 +201,7 @@ def member_sweep(study: StudyConfig, label: str, spec: MethodSweep, uri: str | N
     return SweepConfig(name=f"{study.name}-{label}", base="(study)", space=spec.space, metric=spec.metric,
                        mode=spec.mode, search=spec.search, scheduler=spec.scheduler,
                        storage={"path": storage.join(storage.absolute(study.storage.path), study.name, "sweeps")},
-                       tracking={"uri": uri or study.tracking.uri, "experiment": study.tracking.experiment})
+                       tracking={**study.tracking.model_dump(), "uri": uri or study.tracking.uri})
 
 
 @dataclass
@@ -275,7 +275,7 @@ def member_experiment(study: StudyConfig, uri: str, label: str, sections: dict[s
     raw = merged(study.base, {k: v for k, v in sections.items() if k != "sweep"})
     raw["name"] = f"{study.name}-{label}"
     raw["storage"] = {"path": storage.join(storage.absolute(study.storage.path), study.name, "runs")}
-    raw["tracking"] = {"uri": uri, "experiment": study.tracking.experiment}
+    raw["tracking"] = {**study.tracking.model_dump(), "uri": uri}
     if "teacher" not in sections:
         raw.pop("teacher", None)
         if needs_teacher(raw["objective"]) and teacher is not None:

@@ -174,7 +174,7 @@ def trial_experiment(sweep: SweepConfig, base: dict[str, Any], values: dict[str,
         set_key(raw, key, value)
     raw["name"] = name
     raw["storage"] = {"path": storage.join(storage.absolute(sweep.storage.path), sweep.name, "runs")}
-    raw["tracking"] = {"uri": tracking_uri or sweep.tracking.uri, "experiment": sweep.tracking.experiment}
+    raw["tracking"] = {**sweep.tracking.model_dump(), "uri": tracking_uri or sweep.tracking.uri}
     if raw.get("train", {}).get("eval_every"):
         raw["train"]["checkpoint_every"] = raw["train"]["eval_every"]  # every report carries the metric
     return load_experiment(raw=raw)

@@ -63,9 +63,11 @@ def open_record(folder: str, filename: str, *, kind: str, name: str, resume: boo
                 tags: dict[str, str], parent_run_id: str | None = None, run_id: str | None = None) -> RunRecord:
     """Claim `folder` for a new run, or reopen the one recorded there.
 
-    New: a name already taken is refused (`resume_hint` says how to continue it; see `claim`), and a RUNNING MLflow run is created (nested under `parent_run_id`) unless the caller
-    already has one (`run_id`, a restarted sweep trial). Resume: the recorded run is set RUNNING again
-    and tagged `resumed_at`, and the record takes `config`. Either way the record is written before the caller starts any work."""
+    New: a name already taken is refused (`resume_hint` says how to continue it; see `claim`), and a
+    RUNNING MLflow run is created (nested under `parent_run_id`, with `config` as `config.yaml`) unless
+    the caller already has one (`run_id`, a restarted sweep trial). Resume: the recorded run is set
+    RUNNING again and tagged `resumed_at`, and the record and `config.yaml` take `config`. Either way
+    the record is written before the caller starts any work."""
     path = storage.join(folder, filename)
     claim(folder, filename, kind=kind, name=name, resume=resume, resume_hint=resume_hint, run_id=run_id)
     if resume:
@@ -74,10 +76,11 @@ def open_record(folder: str, filename: str, *, kind: str, name: str, resume: boo
         tracking.set_tags(record.tracking_uri, record.mlflow_run_id, {"resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
         record.config = config  # what this start runs with (a resumed run may be given more steps)
         record.save()
+        tracking.log_config(record.tracking_uri, record.mlflow_run_id, config)
         return record
     experiment_id = tracking.ensure_experiment(tracking_uri, experiment)
     if run_id is None:
-        run_id = tracking.start_run(tracking_uri, experiment_id, name, params, tags, parent_run_id)
+        run_id = tracking.start_run(tracking_uri, experiment_id, name, params, tags, parent_run_id, config)
     record = RunRecord(name, tracking_uri, run_id, experiment_id, config, path=path)
     record.save()
     return record

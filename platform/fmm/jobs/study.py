@@ -277,7 +277,7 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
             member_runs[member.label] = tracking.start_run(
                 uri, experiment_id, member.exp.name, run_params(member.exp),
                 {"study": study.name, "study_member": member.label, "study_role": member.role, "kind": "member",
-                 "study_seeds": ",".join(map(str, member.seeds))}, parent)
+                 "study_seeds": ",".join(map(str, member.seeds))}, parent, member.exp.model_dump())
             record.save()
         return member_runs[member.label]
 

@@ -9,11 +9,13 @@ into the same MLflow run.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from fmm.experiment.builders import map_form, resolve_init
 from fmm.experiment.checks import check_config, check_environment
+from fmm.experiment.data import content_key, read_manifest
 from fmm.experiment.schema import ExperimentConfig
 from fmm.infra import storage, tracking
 from fmm.infra.records import RUN_RECORD, RunRecord, open_record
@@ -53,11 +55,27 @@ def open_run(exp: ExperimentConfig, *, resume: bool = False, parent_run_id: str 
     tags = {"objective": exp.objective["name"], "schedule": exp.interpolant.schedule,
             "dataset": exp.data.target or exp.data.path, "network": exp.network["name"],
             "ray_run": exp.name, "ray_storage": run_dir, **(extra_tags or {})}
-    return open_record(run_dir, RUN_RECORD, kind="run", name=exp.name, resume=resume,
-                       resume_hint=f"'fmm train --resume {run_dir}'", tracking_uri=tracking.resolve_uri(exp.tracking.uri),
-                       experiment=exp.tracking.experiment, config=exp.model_dump(),
-                       params={**run_params(exp), **(extra_params or {})}, tags=tags, parent_run_id=parent_run_id,
-                       run_id=run_id)
+    record = open_record(run_dir, RUN_RECORD, kind="run", name=exp.name, resume=resume,
+                         resume_hint=f"'fmm train --resume {run_dir}'", tracking_uri=tracking.resolve_uri(exp.tracking.uri),
+                         experiment=exp.tracking.experiment, config=exp.model_dump(),
+                         params={**run_params(exp), **(extra_params or {})}, tags=tags, parent_run_id=parent_run_id,
+                         run_id=run_id)
+    if not resume and run_id is None:
+        tracking.log_dataset(record.tracking_uri, record.mlflow_run_id, **dataset_input(exp))
+    return record
+
+
+def dataset_input(exp: ExperimentConfig) -> dict[str, Any]:
+    """What the run trains on, as MLflow's dataset input: a prepared dataset by its manifest (name, URI,
+    the manifest's sha256, rows and shape), an analytic target by name (sampled exactly: no file)."""
+    if exp.data.path is not None:
+        manifest = read_manifest(exp.data.path)
+        return dict(name=manifest.get("dataset") or exp.data.path.rstrip("/").rsplit("/", 1)[-1],
+                    source=exp.data.path, digest=content_key(exp.data.path),
+                    profile={"rows": manifest["rows"], "shape": manifest["shape"], "encoding": manifest["encoding"]})
+    return dict(name=exp.data.target, source=f"fmm:target/{exp.data.target}",
+                digest=hashlib.sha256(f"target/{exp.data.target}".encode()).hexdigest()[:16],
+                profile={"rows": "unbounded (sampled exactly)"})
 
 
 def run_training(exp: ExperimentConfig, *, address: str | None = None, resume: bool = False,

@@ -32,7 +32,7 @@ from fmm.experiment.builders import (build_interpolant, build_model, build_objec
 from fmm.experiment.data import DataSource
 from fmm.experiment.schema import ExperimentConfig
 from fmm.infra import storage
-from fmm.infra.tracking import RunLogger
+from fmm.infra.tracking import LiveLogger, system_metrics
 from fmm.objectives import sampler_for
 from fmm.training import train_step, trainable_parameters
 from fmm.worker.sessions import Session
@@ -67,7 +67,10 @@ def run_loop(config: dict[str, Any], session: Session) -> dict[str, Any]:
                                        log=print if rank == 0 else lambda *_: None)
     for module in (model, objective, state.ema):
         broadcast_parameters(module)
-    logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else NullLogger()
+    uri, run_id = config["tracking_uri"], config["mlflow_run_id"]
+    logger = LiveLogger(uri, run_id, exp.tracking.flush_seconds) if rank == 0 else NullLogger()
+    monitor = system_metrics(uri, run_id, exp.tracking.system_metrics_seconds, session.node,
+                             resume=restored_from is not None) if session.local_rank == 0 else None
     if restored_from is not None:
         where, warning = restored_from
         logger.set_tags({"restored_from": where, **({"corrupt_checkpoint": warning} if warning else {})})
@@ -118,6 +121,7 @@ def run_loop(config: dict[str, Any], session: Session) -> dict[str, Any]:
             if periodic is not None and evaluating:
                 latest_eval = periodic(state.ema)
                 logger.log_metrics(latest_eval, state.step)
+                periodic.log_samples(state.ema, logger, state.step)
 
             # Checkpoint and report.
             checkpointing = state.step % exp.train.checkpoint_every == 0 or state.step == exp.train.steps
@@ -144,6 +148,9 @@ def run_loop(config: dict[str, Any], session: Session) -> dict[str, Any]:
                 periodic.log_curve(logger)
             finish_run(state, exp, logger, best, device, local_dir)
     finally:
+        logger.flush()  # what was logged before a failure reaches MLflow; a restart does not log those steps again
+        if monitor is not None:
+            monitor.finish()
         if local_dir is not None:
             shutil.rmtree(local_dir, ignore_errors=True)
     return {"step": state.step, "best": best}
@@ -167,15 +174,16 @@ def roll_back(state: State, last_good: bytes, exp: ExperimentConfig, logs: dict[
             f"each time (train.max_rollbacks = {exp.train.max_rollbacks})")
     rollback(state, last_good, exp.train.rollback_lr_factor)
     logger.discard_after(state.step)
-    logger.log_metrics({"train/rollbacks": state.rollbacks, "train/lr": state.scheduler.get_last_lr()[0]}, state.step)
-    if isinstance(logger, RunLogger):
+    logger.log_event({"train/rollbacks": state.rollbacks, "train/lr": state.scheduler.get_last_lr()[0]}, state.step)
+    if isinstance(logger, LiveLogger):
         print(f"[fmm] step {bad_step}: loss or gradient not finite; back to step {state.step} with the learning "
               f"rate x{exp.train.rollback_lr_factor} (rollback {state.rollbacks} of at most "
               f"{exp.train.max_rollbacks})", flush=True)
 
 
-def finish_run(state: State, exp: ExperimentConfig, logger: RunLogger, best: dict, device, local_dir: str) -> None:
-    """Rank 0 at the end: final and best EMA flow maps and a sample figure as MLflow artifacts."""
+def finish_run(state: State, exp: ExperimentConfig, logger: LiveLogger, best: dict, device, local_dir: str) -> None:
+    """Rank 0 at the end: final and best EMA flow maps and a sample figure as MLflow artifacts (the figure
+    also as the `samples` image at the last step, beside those of the periodic evaluations)."""
     with tempfile.TemporaryDirectory() as folder:
         save_state(state, exp, folder, {"step": state.step})
         final = os.path.join(folder, "final.pt")
@@ -185,7 +193,7 @@ def finish_run(state: State, exp: ExperimentConfig, logger: RunLogger, best: dic
     if os.path.isfile(best_path):
         logger.log_artifact(best_path, "checkpoints")
         logger.set_tags({"best_step": best.get("step", ""), "best_loss": best.get("loss", "")})
-    logger.log_metrics({"train/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, state.step)
+    logger.log_event({"train/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, state.step)
     shape = tuple(state.model.sample_shape)
     if len(shape) == 1 and shape[0] != 2:
         logger.flush()
@@ -194,6 +202,7 @@ def finish_run(state: State, exp: ExperimentConfig, logger: RunLogger, best: dic
     sampler, _ = sampler_for(exp.objective, interpolant, seed=exp.train.seed + 8)
     fig = sample_figure(state.ema, shape, exp.train.sample_steps, device, exp.train.seed, sampler, interpolant.sigma0)
     logger.log_figure(fig, f"samples/step_{state.step:08d}.png")
+    logger.log_image(fig, "samples", state.step)
     close(fig)
     logger.flush()
 
@@ -202,6 +211,8 @@ class NullLogger:
     """What the ranks other than 0 log: nothing."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_event(self, metrics: dict[str, float], step: int) -> None: ...
 
     def discard_after(self, step: int) -> None: ...
 
@@ -279,6 +290,7 @@ class PeriodicEvaluation:
 
     def __init__(self, exp: ExperimentConfig, interpolant, shape: tuple[int, ...], device):
         self.sampler, _ = sampler_for(exp.objective, interpolant, seed=exp.train.seed + 8)
+        self.shape, self.seed, self.sigma0 = shape, exp.train.seed, interpolant.sigma0
         n, sets = exp.train.eval_samples, exp.train.eval_sets
         g = torch.Generator().manual_seed(exp.train.seed + 7)
         self.noise = [(interpolant.sigma0 * torch.randn((n, *shape), generator=g)).to(device)]
@@ -301,8 +313,17 @@ class PeriodicEvaluation:
                 out.update({f"eval/{name}_steps{k:03d}": value for name, value in scores.items()})
         return out
 
-    def log_curve(self, logger: RunLogger) -> None:
+    def log_curve(self, logger: LiveLogger) -> None:
         """The last evaluation as quality against sampling steps: `<metric>_vs_steps` with step = steps,
         so MLflow charts it as the run's quality-versus-steps curve."""
         for k, scores in self.curve.items():
-            logger.log_metrics({f"{name}_vs_steps": value for name, value in scores.items()}, k)
+            logger.log_event({f"{name}_vs_steps": value for name, value in scores.items()}, k)
+
+    def log_samples(self, ema, logger: LiveLogger, step: int) -> None:
+        """Samples of the EMA map at this training step as the run's `samples` image (the UI's step slider
+        walks through training); for 2-D points and images only."""
+        if len(self.shape) == 1 and self.shape[0] != 2:
+            return
+        fig = sample_figure(ema, self.shape, self.steps, self.noise[0].device, self.seed, self.sampler, self.sigma0)
+        logger.log_image(fig, "samples", step)
+        close(fig)

@@ -33,6 +33,8 @@ class Session(Protocol):
     rank: int
     world: int
     device: torch.device
+    local_rank: int    # 0 on one worker per node: that worker logs the node's system metrics
+    node: str | None   # the node's label in system metrics (`system/<node>/...`) when a run spans nodes
 
     def latest_checkpoint(self) -> Any | None:
         """The latest checkpoint this run reported (with `.path` and `.as_directory()`), or None."""
@@ -47,6 +49,8 @@ class RayTrainSession:
     def __init__(self):
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.local_rank = ctx.get_local_rank()
+        self.node = f"node{ctx.get_node_rank()}" if self.world > ctx.get_local_world_size() else None
         self.device = ray.train.torch.get_device()
         # Ray Train logs two INFO lines per checkpoint (one under its module's file name); the loop prints
         # its own progress, and warnings stay.
@@ -64,7 +68,7 @@ class RayTrainSession:
 class TuneTrialSession:
     """One process, one worker: the loop runs inside a Tune trial and reports to Tune directly."""
 
-    rank, world = 0, 1
+    rank, world, local_rank, node = 0, 1, 0, None
 
     def __init__(self):
         self.device = torch.device("cpu")
@@ -81,7 +85,7 @@ class LocalSession:
     """The loop in this process, without Ray: one worker, checkpoints copied to the run's storage folder
     (a local folder or s3://) under the name the loop gives them, every report kept in `reports`."""
 
-    rank, world = 0, 1
+    rank, world, local_rank, node = 0, 1, 0, None
 
     def __init__(self, run_dir: str, device: str | torch.device = "cpu"):
         self.run_dir, self.device = run_dir, torch.device(device)
