@@ -1,6 +1,6 @@
 """What Ray Train and MLflow add to a training step: `fmm train` against a bare PyTorch loop.
 
-    python experiments/benchmarks/train_overhead.py [--steps 400] [--objective lmd]
+    python experiments/benchmarks/train_overhead.py [--steps 400] [--objective lmd] [--repeat 1]
 
 Both run the same objective, model, global batch and worker count:
 - 1 worker: a bare in-process loop with 2 torch threads, against `fmm train` with one worker
@@ -9,7 +9,9 @@ Both run the same objective, model, global batch and worker count:
   by the same all-reduce), against `fmm train` with two workers of 1 CPU.
 Steady-state step time is the median over logging windows after the first (fmm train's from its
 MLflow `train/samples_per_s` history); start-up is the wall time not spent in steps. Peak memory
-is the largest resident set of the training process (rank 0).
+is the largest resident set of the training process (rank 0). With --repeat N the pairs run N times,
+interleaved, and the summary gives the median overhead: on a shared 2-core machine one pair varies
+by several percent either way.
 """
 
 from __future__ import annotations
@@ -125,20 +127,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--objective", default="lmd")
+    parser.add_argument("--repeat", type=int, default=1, help="run each pair this many times (default: 1)")
     args = parser.parse_args()
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     print(f"objective {args.objective}, MLP 2->256x3, global batch {BASE['train']['batch_size']}, {args.steps} steps")
     print(f"{'workers':8s} {'loop':9s} {'step ms':>8s} {'overhead':>9s} {'start-up s':>11s} {'peak MB':>8s}")
+    overheads: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as root:
-        for workers, cpus in ((1, 2), (2, 1)):
-            exp = experiment(f"bench-{workers}", args.objective, args.steps, workers, cpus, root)
-            bare = run_bare(exp)
-            ours = run_fmm(exp)
-            print(f"{workers:<8d} {'bare':9s} {1000 * bare[0]:8.2f} {'':>9s} {bare[1]:11.1f} {bare[2]:8.0f}")
-            print(f"{workers:<8d} {'fmm train':9s} {1000 * ours[0]:8.2f} {100 * (ours[0] / bare[0] - 1):8.1f}% "
-                  f"{ours[1]:11.1f} {ours[2]:8.0f}")
+        for repeat in range(args.repeat):
+            for workers, cpus in ((1, 2), (2, 1)):
+                exp = experiment(f"bench-{workers}-{repeat}", args.objective, args.steps, workers, cpus, root)
+                bare = run_bare(exp)
+                ours = run_fmm(exp)
+                overheads[workers].append(ours[0] / bare[0] - 1)
+                print(f"{workers:<8d} {'bare':9s} {1000 * bare[0]:8.2f} {'':>9s} {bare[1]:11.1f} {bare[2]:8.0f}")
+                print(f"{workers:<8d} {'fmm train':9s} {1000 * ours[0]:8.2f} {100 * overheads[workers][-1]:8.1f}% "
+                      f"{ours[1]:11.1f} {ours[2]:8.0f}")
+    if args.repeat > 1:
+        for workers, values in overheads.items():
+            print(f"{workers} worker(s): median overhead {100 * statistics.median(values):+.1f}% over {len(values)} "
+                  f"pairs ({', '.join(f'{100 * v:+.1f}%' for v in values)})")
     ray.shutdown()
 
 

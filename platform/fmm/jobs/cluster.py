@@ -16,6 +16,11 @@ import torch
 from fmm.experiment.schema import ExperimentConfig, read_yaml
 
 
+# MLflow's credential variables: where the driver has them, every worker of the job gets them (the
+# job's runtime environment), so that they need to exist only where the driver runs.
+MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
 def connect(address: str | None = None) -> None:
     """Join the Ray at `address` (else RAY_ADDRESS), else, by Ray's rule, the one a `ray start` on this machine
     left running, else start an embedded local one (`local` always does); once per process."""
@@ -23,7 +28,9 @@ def connect(address: str | None = None) -> None:
         return
     # Workers print progress once; Ray Train's print patch would echo every line a second time.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    ray.init(address=address, log_to_driver=True)
+    credentials = {k: os.environ[k] for k in MLFLOW_CREDENTIALS if os.environ.get(k)}
+    ray.init(address=address, log_to_driver=True,
+             runtime_env={"env_vars": credentials} if credentials else None)
 
 
 CLUSTER_CONFIG = "~/ray_bootstrap_config.yaml"  # where the Ray cluster launcher puts the head's cluster file
