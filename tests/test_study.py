@@ -17,7 +17,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from support.experiments import cluster, node_types, teacher_file
-from support.ray_ports import free_port
+from support.browser import browser, chromium
+from support.mlflow_server import mlflow_server as start_mlflow_server
 from fmm import cli
 from fmm.experiment.study_schema import StudyConfig, load_study, plan_study
 from fmm.jobs.cluster import check_evaluation_fits
@@ -234,26 +235,8 @@ def test_seeds_give_each_method_one_run_per_seed_and_a_swept_method_can_be_resee
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real MLflow tracking server on loopback, with a SQLite backend and served artifacts."""
-    port = free_port()
-    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    proc = subprocess.Popen([mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                             "--artifacts-destination", str(tmp_path / "server-artifacts")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("mlflow server did not come up")
-            time.sleep(1)
-    yield url
-    os.killpg(proc.pid, 9)  # a graceful stop waits on its workers for 20 s; the store is SQLite, committed
-    proc.wait(30)
+    with start_mlflow_server(str(tmp_path)) as url:
+        yield url
 
 
 def rest(url: str, path: str, **query) -> dict:
@@ -278,7 +261,8 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
                                  "metric": "eval/sw2_steps001", "reseed": True,
                                  "search": {"num_samples": 1, "max_concurrent_trials": 1},
                                  "scheduler": {"kind": "fifo"}}}}
-    teacher = {"train": {"objective": {"name": "flow_matching"}, "train": {"steps": 100}}}
+    teacher = {"train": {"objective": {"name": "flow_matching"}, "train": {"steps": 100}},
+               "register_as": "served-teacher@champion"}
     write_study(str(tmp_path), name="served", methods=methods, teacher=teacher, storage={"path": str(tmp_path / "studies")},
                 tracking={"uri": mlflow_server, "experiment": "served"}, seeds=[0],
                 evaluation={**TINY["evaluation"], "sets": 3, "resources": {"GPU": 1}})
@@ -361,6 +345,38 @@ def test_a_study_through_the_cli_on_an_mlflow_server_reads_back_over_rest_as_com
         shown = [f"{m['value']:.4g} ± {(h['value'] - lo['value']) / 2:.2g}"
                  for m, lo, h in zip(history["sw2"], history["sw2/low"], history["sw2/high"])]
         assert printed[label] == shown, label
+
+    # The teacher registered under the name the study gave it; the distilled member names that version.
+    version = client.get_model_version_by_alias("served-teacher", "champion")
+    assert version.run_id == runs["teacher"].info.run_id and parent.data.tags["teacher.model"] == "served-teacher/1"
+    assert runs["cd"].data.tags["teacher.model"] == "served-teacher/1"
+    assert "registered the teacher as models:/served-teacher/1" in out.stdout
+
+    # What a person sees: the parent run and the member's quality-versus-steps chart in the MLflow UI,
+    # in headless Chromium, with the values MLflow holds.
+    if chromium() is None:
+        print("MLflow UI check skipped: no Chromium here (Debian's `chromium` package; .ci/run installs it)")
+        return
+    link = re.search(r"browse them with: open (\S+)", out.stdout).group(1)
+    assert link.endswith(f"/runs/{parent.info.run_id}?workflowType=machine_learning")
+    cd_run = runs["cd"].info.run_id
+    values = [m.value for m in sorted(client.get_metric_history(cd_run, "sw2"), key=lambda m: m.step)]
+    with browser(str(tmp_path)) as page:
+        text = page.open(link, f"document.body.innerText.includes('{parent.info.run_name}') && "
+                               f"document.body.innerText.includes('Tags') && document.body.innerText")
+        assert "Evaluation runs" not in text and "Model registry" in text  # the training view, not GenAI's
+        assert "kind" in text and "study" in text and "git_commit" in text
+        page.screenshot(str(tmp_path / "study-run.png"))
+        metric = (f"{mlflow_server}/#/metric?runs={json.dumps([cd_run])}&metric=%22sw2%22&experiments="
+                  f"{json.dumps([experiment_id])}&plot_metric_keys=%5B%22sw2%22%5D&plot_layout={{}}&x_axis=step"
+                  f"&y_axis_scale=linear&line_smoothness=1&show_point=true&deselected_curves=[]"
+                  f"&last_linear_y_axis_range=[]&workflowType=machine_learning")
+        curves = page.open(metric, "(() => { const g = document.querySelector('.js-plotly-plot'); "
+                                   "return g && g.data && g.data.length ? g.data.map(t => ({name: t.name, "
+                                   "x: Array.from(t.x || []), y: Array.from(t.y || [])})) : null })()")
+        page.screenshot(str(tmp_path / "member-sw2.png"))
+    assert {(tuple(c["x"]), tuple(c["y"])) for c in curves} == {((1, 2, 4), tuple(values))}
+    assert all(runs["cd"].info.run_name in c["name"] for c in curves)
 
 
 @pytest.mark.slow

@@ -73,7 +73,7 @@ def _train(args: argparse.Namespace) -> int:
     result = run_training(exp, address=args.address, resume=bool(args.resume))
     print(f"[fmm] finished {result.name} at step {(result.return_value or {}).get('step')}: "
           f"checkpoint {result.checkpoint_path}")
-    print(f"[fmm] MLflow run {result.mlflow_run_id}; browse with: {_browse(result.tracking_uri)}")
+    print(f"[fmm] MLflow run {result.mlflow_run_id}; browse with: {_browse(result.tracking_uri, result.mlflow_run_id)}")
     return 0
 
 
@@ -86,9 +86,10 @@ def _dry_run(kind: str, config: dict, note: str = "") -> int:
     return 0
 
 
-def _browse(uri: str) -> str:
-    """How to open the MLflow UI on a tracking URI: a server is opened, a store is served first."""
-    return f"open {uri}" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
+def _browse(uri: str, run_id: str) -> str:
+    from fmm.infra.tracking import ui_link
+
+    return ui_link(uri, run_id)
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -130,7 +131,7 @@ def _study(args: argparse.Namespace) -> int:
     print(comparison.render())
     print()
     uri = comparison.tracking_uri
-    print(f"[fmm] the study's runs are in MLflow ({uri}); browse them with: {_browse(uri)}")
+    print(f"[fmm] the study's runs are in MLflow ({uri}); browse them with: {_browse(uri, result.parent_run_id)}")
     print(f"[fmm] print this table again with: fmm compare {study.name}"
           f"{'' if uri == _default_uri() else ' --tracking-uri ' + uri}")
     if comparison.failures:
@@ -318,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.set_defaults(func=_compare)
 
     ev = command("evaluate", "quality per number of steps against the teacher's solvers, into MLflow")
-    ev.add_argument("run", help="run folder or URI (<storage.path>/<name>), a final.pt, or runs:/<mlflow run id>")
+    ev.add_argument("run", help="run folder or URI (<storage.path>/<name>), a final.pt, runs:/<mlflow run id> or "
+                                 "models:/<name>@<alias> (logs into the run that holds it)")
     ev.add_argument("--steps", default="1,2,4,8,16", help="flow-map step counts")
     ev.add_argument("--samples", type=_positive_int, default=4000, help="samples per evaluation set")
     ev.add_argument("--seed", type=int, default=0, help="seed of the noise and the reference draws")
@@ -344,12 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-mlflow", action="store_true", help="print only; do not log into the run")
     ev.add_argument("--no-teacher", action="store_true", help="score only the learned map (no solver baselines)")
     ev.add_argument("--teacher", metavar="CHECKPOINT",
-                    help="flow-map file (path, s3:// or runs:/) whose diagonal is the teacher to compare with "
+                    help="flow-map file (path, s3://, runs:/ or models:/) whose diagonal is the teacher to compare with "
                          "(default: the exact velocity, else the run's own teacher, else its diagonal if trained)")
     ev.set_defaults(func=_evaluate)
 
     smp = command("sample", "write N-step samples of a flow map to .npy or .parquet")
-    smp.add_argument("checkpoint", help="flow-map file: path, s3:// URI or runs:/<mlflow run id>")
+    smp.add_argument("checkpoint", help="flow-map file: path, s3:// URI, runs:/<mlflow run id> or a registered model "
+                                        "(models:/<name>@<alias> or models:/<name>/<version>)")
     smp.add_argument("--steps", type=_positive_int, required=True, help="number of flow-map steps (NFE)")
     smp.add_argument("--noise", help=".npy file of noise, one row per sample (else drawn from --seed)")
     smp.add_argument("--samples", type=_positive_int, default=1000, help="how many samples (without --noise)")

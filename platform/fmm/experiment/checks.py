@@ -55,7 +55,10 @@ def check_environment(exp: ExperimentConfig, *, teacher_given_later: bool = Fals
         _check_shape(exp, data_shape(exp), tuple(model.sample_shape))
     teacher = build_teacher(exp, interpolant) if (exp.teacher or {}).get("kind") == "checkpoint" else None
     if teacher is not None:
-        build_objective(exp, interpolant).prepare(model, teacher)
+        try:
+            build_objective(exp, interpolant).prepare(model, teacher)
+        except ValueError as err:
+            raise ValueError(f"teacher {exp.teacher['path']!r}: {err}") from None
     source = None if teacher_given_later else initial_map(exp, teacher)
     if source is not None and not same_network(model, source):
         raise ValueError(f"init: the student's network {model.net.config} is not the network of the map it "

@@ -249,12 +249,12 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | None, example: 
 
 def absolute_paths(raw: dict[str, Any]) -> dict[str, Any]:
     """Ray workers and Tune trials run in other folders: an experiment's local data and teacher paths are
-    made absolute, relative to the current folder (as its storage path is); URIs and runs:/ unchanged."""
+    made absolute, relative to the current folder (as its storage path is); URIs, runs:/ and models:/ unchanged."""
     data = raw.get("data") or {}
     if isinstance(data.get("path"), str):
         data["path"] = storage.absolute(data["path"])
     teacher = raw.get("teacher") or {}
-    if isinstance(teacher.get("path"), str) and not teacher["path"].startswith("runs:/"):
+    if isinstance(teacher.get("path"), str):
         teacher["path"] = storage.absolute(teacher["path"])
     return raw
 

@@ -7,8 +7,8 @@
       network: {name: mlp, dim: 2, width: 256, depth: 3}
       train: {steps: 1000, batch_size: 512}
       scaling: {num_workers: 1, cpus_per_worker: 1}
-    teacher: {train: {objective: {name: flow_matching}, train: {steps: 2000}}}
-    #        or {checkpoint: teacher.pt | s3://... | runs:/<mlflow run id>}, or {exact: flower}
+    teacher: {train: {objective: {name: flow_matching}, train: {steps: 2000}}, register_as: flow-teacher@champion}
+    #        or {checkpoint: teacher.pt | s3://... | runs:/<mlflow run id> | models:/NAME@ALIAS}, or {exact: flower}
     methods:                               # label: experiment sections over the base
       lmd: {objective: {name: lmd, diagonal_fraction: 0.25}}
       cd: {objective: {name: cd}}
@@ -56,11 +56,14 @@ NAME = r"^[A-Za-z0-9_.\-]+$"
 
 class TeacherSpec(StrictModel):
     """Exactly one: `train` (experiment sections over the base, trained first), `checkpoint` (a flow-map
-    file, s3:// URI or runs:/<id>) or `exact` (a toy target's exact velocity)."""
+    file, s3:// URI, runs:/<id> or models:/NAME@ALIAS) or `exact` (a toy target's exact velocity).
+    `register_as: NAME[@ALIAS]` (with `train`): the trained teacher's final map becomes a new version of
+    registered model NAME (the alias points at it), and the members distil from that version."""
 
     train: dict[str, Any] | None = None
     checkpoint: str | None = None
     exact: str | None = None
+    register_as: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+(@[A-Za-z0-9_\-]+)?$")
 
     @model_validator(mode="after")
     def _one(self) -> TeacherSpec:
@@ -68,6 +71,9 @@ class TeacherSpec(StrictModel):
         if len(given) != 1:
             raise ValueError("give exactly one of train: {experiment sections}, checkpoint: PATH or exact: TARGET"
                              f" (got {given or 'none'})")
+        if self.register_as is not None and self.train is None:
+            raise ValueError("register_as: NAME[@ALIAS] registers the teacher the study trains; it needs train: "
+                             "{experiment sections} (a given checkpoint can be registered in MLflow directly)")
         return self
 
 
@@ -184,7 +190,7 @@ def load_study(path: str, overrides: list[str] | None = None) -> StudyConfig:
     for sections in (study.base, *study.methods.values()):
         absolute_paths(sections)
     checkpoint = study.teacher.checkpoint
-    if checkpoint and not checkpoint.startswith("runs:/"):
+    if checkpoint:
         study.teacher.checkpoint = storage.absolute(checkpoint)
     return study
 
@@ -244,9 +250,10 @@ class StudyPlan:
     methods: list[Member]
     shape: tuple[int, ...]
 
-    def give_teacher(self, teacher_run_id: str) -> None:
-        """Point every member that awaits the study's teacher at the teacher's trained run."""
-        spec = teacher_reference(self.study, self.tracking_uri, teacher_run_id)
+    def give_teacher(self, teacher_run_id: str, registered: str | None = None) -> None:
+        """Point every member that awaits the study's teacher at the teacher's trained run (or at the model
+        version `registered` from it)."""
+        spec = teacher_reference(self.study, self.tracking_uri, teacher_run_id, registered)
         for member in self.methods:
             if member.awaits_teacher:
                 if needs_teacher(member.exp.objective):
@@ -256,7 +263,8 @@ class StudyPlan:
                 member.awaits_teacher = False
 
 
-def teacher_reference(study: StudyConfig, uri: str, teacher_run_id: str | None) -> dict[str, Any] | None:
+def teacher_reference(study: StudyConfig, uri: str, teacher_run_id: str | None,
+                      registered: str | None = None) -> dict[str, Any] | None:
     """The `teacher:` entry of a distillation member's experiment; None while the teacher is untrained."""
     spec = study.teacher
     if spec.exact is not None:
@@ -265,7 +273,8 @@ def teacher_reference(study: StudyConfig, uri: str, teacher_run_id: str | None) 
         return {"kind": "checkpoint", "path": spec.checkpoint, "tracking_uri": uri}
     if teacher_run_id is None:
         return None
-    return {"kind": "checkpoint", "path": f"runs:/{teacher_run_id}/checkpoints/final.pt", "tracking_uri": uri}
+    return {"kind": "checkpoint", "path": registered or f"runs:/{teacher_run_id}/checkpoints/final.pt",
+            "tracking_uri": uri}
 
 
 def member_experiment(study: StudyConfig, uri: str, label: str, sections: dict[str, Any],

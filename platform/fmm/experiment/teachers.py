@@ -3,7 +3,8 @@
 A teacher is the exact velocity of a toy target or a trained checkpoint's diagonal; either way a
 plain field b(t, x) with `sample_shape` (checked against the student before training) and `t_max`
 (the last time it may be evaluated; None when it is smooth on [0, 1]). Checkpoints are local files,
-s3:// URIs or runs:/<mlflow run id>[/artifact path], fetched once per process.
+s3:// URIs, runs:/<mlflow run id>[/artifact path] or registered models (models:/NAME@ALIAS,
+models:/NAME/VERSION), fetched once per process.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fmm.config import StrictModel, validate
 from fmm.experiment.schema import ExperimentConfig, InterpolantConfig
 from fmm.flowmap import FlowMap, ModelVelocity, VelocityField
 from fmm.groundtruth import ExactVelocity, make_target
-from fmm.infra import storage, tracking
+from fmm.infra import models, storage, tracking
 from fmm.infra.records import RUN_RECORD, RunRecord, read_record
 from fmm.interpolants import Interpolant, VelocityOnPath, make_schedule
 
@@ -29,9 +30,9 @@ from fmm.interpolants import Interpolant, VelocityOnPath, make_schedule
 class TeacherConfig(StrictModel):
     kind: Literal["exact", "checkpoint"]
     target: str | None = None
-    path: str | None = None          # a local file, an s3:// URI, or runs:/<mlflow run id>[/artifact path]
+    path: str | None = None          # a local file, an s3:// URI, runs:/<mlflow run id>[/artifact path] or models:/...
     use_ema: bool = True
-    tracking_uri: str | None = None  # for runs:/ paths; default as for training
+    tracking_uri: str | None = None  # for runs:/ and models:/ paths; default as for training
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,6 +45,9 @@ def _fetched() -> str:
 
 def fetch_checkpoint(path: str, tracking_uri: str | None = None) -> str:
     """A local file holding the checkpoint at `path` (downloaded from S3 or MLflow if needed)."""
+    if path.startswith("models:/"):
+        uri = tracking.resolve_uri(tracking_uri)
+        return models.download_checkpoint(models.resolve(path, uri), uri, tempfile.mkdtemp(dir=_fetched()))
     if path.startswith("runs:/"):
         run_id, _, artifact = path[len("runs:/"):].partition("/")
         uri = tracking.resolve_uri(tracking_uri)
@@ -96,15 +100,18 @@ def on_path(velocity: ModelVelocity, trained_on: dict | None, interpolant: Inter
 
 def load_trained(source: str, tracking_uri: str | None = None) -> tuple[FlowMap, ExperimentConfig | None, RunRecord | None]:
     """(flow map with EMA weights, its experiment or None, its run record or None) for a run folder or URI,
-    a flow-map file, or runs:/<id> (on `tracking_uri`, by default as for training)."""
-    if storage.exists(storage.join(source, RUN_RECORD)):
+    a flow-map file, runs:/<id> or models:/NAME@ALIAS|VERSION (on `tracking_uri`, by default as for
+    training; a registered model's record is that of the run that logged it)."""
+    if not source.startswith(storage.MLFLOW_SCHEMES) and storage.exists(storage.join(source, RUN_RECORD)):
         record = read_record(source)
         path = fetch_checkpoint(f"runs:/{record.mlflow_run_id}/checkpoints/final.pt", record.tracking_uri)
         return load_flow_map(path), ExperimentConfig(**record.config), record
     model, config = read_flow_map(fetch_checkpoint(source, tracking_uri))
     exp = ExperimentConfig(**config) if config else None
-    if source.startswith("runs:/"):  # the run it names is the one to log into
+    if source.startswith(storage.MLFLOW_SCHEMES):  # the run it names (or that logged the model) is the one to log into
         uri = tracking.resolve_uri(tracking_uri)
-        run = tracking.client(uri).get_run(source[len("runs:/"):].partition("/")[0])
+        run_id = (models.resolve(source, uri).run_id if source.startswith("models:/")
+                  else source[len("runs:/"):].partition("/")[0])
+        run = tracking.client(uri).get_run(run_id)
         return model, exp, RunRecord(run.info.run_name, uri, run.info.run_id, run.info.experiment_id, config or {})
     return model, exp, None

@@ -38,12 +38,17 @@ def refuse_credentials(uri: str | None, key: str) -> None:
                          f"never reach MLflow, run records, checkpoints or logs.")
 
 
+MLFLOW_SCHEMES = ("runs:/", "models:/")  # a run's artifact, a registered model: resolved by MLflow, not paths
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
 def absolute(uri: str) -> str:
-    """A local path made absolute (Tune and Ray workers change directory); remote URIs unchanged."""
+    """A local path made absolute (Tune and Ray workers change directory); remote and MLflow URIs unchanged."""
+    if uri.startswith(MLFLOW_SCHEMES):
+        return uri
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     return uri if is_remote(uri) else os.path.abspath(os.path.expanduser(uri))

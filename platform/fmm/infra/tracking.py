@@ -1,4 +1,5 @@
-"""The one module that talks to MLflow: tracking URI, experiments, runs, batched metrics, artifacts, queries.
+"""MLflow tracking: tracking URI, experiments, runs, batched metrics, artifacts, queries (models and the
+registry: fmm.infra.models).
 
 The tracking URI comes from the config, else MLFLOW_TRACKING_URI, else a SQLite store in the
 working folder (MLflow 3 refuses the old ./mlruns file store). A relative SQLite path is made
@@ -56,11 +57,33 @@ def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+def ui_link(uri: str, run_id: str) -> str:
+    """How to open a run in the MLflow UI, in its model-training view: the UI opens in its GenAI view
+    unless the browser chose otherwise or the link says `workflowType=machine_learning`."""
+    page = f"#/experiments/{client(uri).get_run(run_id).info.experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000/{page}"
+
+
 def ensure_experiment(uri: str, name: str) -> str:
     """The experiment's id, created as a model-training experiment if it does not exist (and marked as
-    one if it exists without a kind)."""
+    one if it exists without a kind). The first request every job makes: a server that refuses fmm's
+    credentials is a ValueError that says which variables to set."""
     c = client(uri)
-    found = c.get_experiment_by_name(name)
+    try:
+        found = c.get_experiment_by_name(name)
+    except mlflow.exceptions.MlflowException as err:
+        status = err.get_http_status_code()
+        if status not in (401, 403) and " 401 " not in str(err) and " 403 " not in str(err):
+            raise
+        given = "MLFLOW_TRACKING_USERNAME" in os.environ or "MLFLOW_TRACKING_TOKEN" in os.environ
+        raise ValueError(
+            f"the MLflow tracking server at {uri} refused fmm ({401 if ' 401 ' in str(err) else status}: "
+            f"{'the credentials given are not accepted' if given else 'no credentials given'}); set "
+            f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for a user "
+            f"the server knows, with permission on experiment {name!r}, in the environment of the command "
+            f"(and of the cluster's nodes: see cluster/mlflow.md).") from None
     if found is None:
         try:
             return c.create_experiment(name, artifact_location=_artifact_location(uri), tags={KIND_TAG: KIND})
@@ -136,7 +159,7 @@ class RunLogger:
     """Buffered metric logging and artifact upload into one existing run (used by rank 0)."""
 
     def __init__(self, uri: str, run_id: str):
-        self.client, self.run_id = client(uri), run_id
+        self.uri, self.client, self.run_id = uri, client(uri), run_id
         self.buffer: list[Metric] = []
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

@@ -215,8 +215,8 @@ def evaluate(source: str, steps: list[int], *, samples: int = 4000, seed: int = 
                    sigma0=interpolant.sigma0)
         log(f"[fmm] logged into MLflow run {record.mlflow_run_id} at {record.tracking_uri}")
     elif log_mlflow:
-        log(f"[fmm] not logged into MLflow: {source} belongs to no run (name its run folder or runs:/<run id> to "
-            f"log into that run)")
+        log(f"[fmm] not logged into MLflow: {source} belongs to no run (name its run folder, runs:/<run id> or "
+            f"models:/<name>@<alias> to log into that run)")
     return report
 
 
@@ -227,7 +227,7 @@ def evaluate_on_cluster(resources: dict[str, float], source: str, steps: list[in
     the run from there; this process (e.g. the CPU head under `ray job submit`) loads neither model nor
     data. A request no node can hold is refused before anything is asked for."""
     def absolute(path: str | None) -> str | None:  # a task's working directory is not this one
-        return path if path is None or path.startswith("runs:/") else storage.absolute(path)
+        return path if path is None else storage.absolute(path)
 
     connect(address)
     check_evaluation_fits(resources, *node_shapes())

@@ -2,7 +2,7 @@
 
 The noise is an input (a .npy file) or drawn from a seed, so the same noise always gives the same
 samples. Checkpoints are flow-map files (final.pt / best.pt, EMA weights), given as a local path,
-an s3:// URI or runs:/<mlflow run id>[/artifact path].
+an s3:// URI, runs:/<mlflow run id>[/artifact path] or a registered model (models:/NAME@ALIAS).
 """
 
 from __future__ import annotations

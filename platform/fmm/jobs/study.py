@@ -47,7 +47,7 @@ from fmm.experiment.study_schema import EvaluationSpec, Member, StudyConfig, Stu
 from fmm.experiment.teachers import fetch_checkpoint, load_trained
 from fmm.flowmap import ModelVelocity
 from fmm.groundtruth import ExactVelocity, make_target
-from fmm.infra import storage, tracking
+from fmm.infra import models, storage, tracking
 from fmm.infra.records import RUN_RECORD, STUDY_RECORD, SWEEP_RECORD, claim, open_record, read_record
 from fmm.infra.tracking import RunLogger
 from fmm.jobs.cluster import (check_evaluation_fits, check_resources, connect, evaluation_device, node_shapes,
@@ -348,7 +348,15 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
             train_all([plan.teacher], 1)
             if "teacher" not in members:
                 raise ValueError(f"study {study.name}: the teacher failed ({failures['teacher']}); nothing to distil.")
-            plan.give_teacher(members["teacher"])
+            if study.teacher.register_as and "teacher_model" not in record.state:
+                name, _, alias = study.teacher.register_as.partition("@")
+                ref = models.register(uri, members["teacher"], name, alias or None)
+                record.state["teacher_model"] = ref.uri
+                record.save()
+                tracking.set_tags(uri, parent, {"teacher.model": f"{ref.name}/{ref.version}"})
+                log(f"[fmm] study {study.name}: registered the teacher as {ref.uri}"
+                    f"{f' (alias {alias!r})' if alias else ''}")
+            plan.give_teacher(members["teacher"], record.state.get("teacher_model"))
         train_all([m for m in plan.methods if m.sweep is None], sum(len(m.seeds or [None]) for m in plan.methods))
         for member in (m for m in plan.methods if m.sweep is not None and m.label not in members):
             concurrency()

@@ -17,7 +17,7 @@ from fmm.experiment.builders import map_form, resolve_init
 from fmm.experiment.checks import check_config, check_environment
 from fmm.experiment.data import content_key, read_manifest
 from fmm.experiment.schema import ExperimentConfig
-from fmm.infra import storage, tracking
+from fmm.infra import models, storage, tracking
 from fmm.infra.records import RUN_RECORD, RunRecord, open_record
 from fmm.jobs.cluster import connect
 from fmm.worker.trainer import make_trainer
@@ -62,7 +62,24 @@ def open_run(exp: ExperimentConfig, *, resume: bool = False, parent_run_id: str 
                          run_id=run_id)
     if not resume and run_id is None:
         tracking.log_dataset(record.tracking_uri, record.mlflow_run_id, **dataset_input(exp))
+    registered = registered_models(exp)
+    if registered:
+        tracking.set_tags(record.tracking_uri, record.mlflow_run_id, registered)
     return record
+
+
+def registered_models(exp: ExperimentConfig) -> dict[str, str]:
+    """Tags naming the registered model versions a run starts from: `teacher.model` (name/version, and
+    the alias that pointed at it when the run started) and `init.model`."""
+    tags = {}
+    teacher = exp.teacher or {}
+    for key, path, uri in (("teacher", teacher.get("path"), teacher.get("tracking_uri") or exp.tracking.uri),
+                           ("init", exp.init, exp.tracking.uri)):
+        if isinstance(path, str) and path.startswith("models:/"):
+            ref = models.resolve(path, tracking.resolve_uri(uri))
+            tags.update({f"{key}.model": f"{ref.name}/{ref.version}", f"{key}.model_run_id": ref.run_id,
+                         **({f"{key}.model_alias": ref.alias} if ref.alias else {})})
+    return tags
 
 
 def dataset_input(exp: ExperimentConfig) -> dict[str, Any]:

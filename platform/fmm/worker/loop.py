@@ -31,7 +31,7 @@ from fmm.experiment.builders import (build_interpolant, build_model, build_objec
                                      eval_metric, initial_map)
 from fmm.experiment.data import DataSource
 from fmm.experiment.schema import ExperimentConfig
-from fmm.infra import storage
+from fmm.infra import models, storage
 from fmm.infra.tracking import LiveLogger, system_metrics
 from fmm.objectives import sampler_for
 from fmm.training import train_step, trainable_parameters
@@ -182,16 +182,19 @@ def roll_back(state: State, last_good: bytes, exp: ExperimentConfig, logs: dict[
 
 
 def finish_run(state: State, exp: ExperimentConfig, logger: LiveLogger, best: dict, device, local_dir: str) -> None:
-    """Rank 0 at the end: final and best EMA flow maps and a sample figure as MLflow artifacts (the figure
-    also as the `samples` image at the last step, beside those of the periodic evaluations)."""
+    """Rank 0 at the end: final and best EMA flow maps as MLflow artifacts and as MLflow models (`model`,
+    `best_model`: registrable, fmm.infra.models), and a sample figure (also as the `samples` image at the
+    last step, beside those of the periodic evaluations)."""
     with tempfile.TemporaryDirectory() as folder:
         save_state(state, exp, folder, {"step": state.step})
         final = os.path.join(folder, "final.pt")
         export_flow_map(os.path.join(folder, "state.pt"), final)
         logger.log_artifact(final, "checkpoints")
+        models.log_flow_map_model(logger.uri, logger.run_id, final, "model")
     best_path = os.path.join(local_dir, "best.pt")
     if os.path.isfile(best_path):
         logger.log_artifact(best_path, "checkpoints")
+        models.log_flow_map_model(logger.uri, logger.run_id, best_path, "best_model")
         logger.set_tags({"best_step": best.get("step", ""), "best_loss": best.get("loss", "")})
     logger.log_event({"train/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, state.step)
     shape = tuple(state.model.sample_shape)
