@@ -51,8 +51,11 @@ def test_a_run_logs_its_maps_as_pyfunc_models_whose_predict_samples_as_fmm_sampl
             assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 2]
             assert [p.name for p in info.signature.params] == ["steps"]
             assert info.metadata["fmm.format"] == "fmm-flowmap/1" and info.metadata["fmm.sample_shape"] == [2]
-        files = {a.path for a in MlflowClient(uri).list_artifacts(run_id, "model")}
-        assert "model/python_model.pkl" not in files  # models from code: nothing pickled to unpickle
+        (logged,) = [m for m in MlflowClient(uri).search_logged_models([record.experiment_id])
+                     if m.source_run_id == run_id and m.name == "model"]
+        assert logged.model_type == "fmm-flow-map" and "READY" in str(logged.status)
+        files = {a.path for a in MlflowClient(uri).list_logged_model_artifacts(logged.model_id)}
+        assert "MLmodel" in files and "python_model.pkl" not in files  # models from code: nothing pickled
         loaded = mlflow.pyfunc.load_model("models:/flow-teacher@champion")
     finally:
         mlflow.set_tracking_uri(None)
@@ -104,7 +107,7 @@ def test_a_models_uri_that_names_nothing_fmm_can_read_is_one_clear_error(tmp_pat
                     "mlflow.models.set_model(Echo())\n")
     mlflow.pyfunc.save_model(str(tmp_path / "echo"), python_model=str(code), pip_requirements=["mlflow"])
     MlflowClient(uri).log_artifacts(record.mlflow_run_id, str(tmp_path / "echo"), "echo")
-    models.register(uri, record.mlflow_run_id, "echo", "live", artifact_path="echo")
+    models.register(uri, record.mlflow_run_id, "echo", "live", model="echo")
     with pytest.raises(ValueError, match="flavour\\(s\\) python_function, not an fmm flow map"):
         models.resolve("models:/echo@live", uri)
 
@@ -119,7 +122,7 @@ def test_a_models_uri_that_names_nothing_fmm_can_read_is_one_clear_error(tmp_pat
     wide = str(tmp_path / "wide.pt")
     save_flow_map(wide, trained_looking(dim=3))
     models.log_flow_map_model(uri, record.mlflow_run_id, wide, "wide_model")
-    models.register(uri, record.mlflow_run_id, "wide-teacher", "live", artifact_path="wide_model")
+    models.register(uri, record.mlflow_run_id, "wide-teacher", "live", model="wide_model")
     with open(tmp_path / "student.yaml", "w") as f:
         yaml.safe_dump({"name": "narrow", "data": {"target": "flower"}, "objective": {"name": "lmd"},
                         "network": NETWORK, "teacher": {"kind": "checkpoint", "path": "models:/wide-teacher@live"},

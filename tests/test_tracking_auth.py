@@ -64,7 +64,9 @@ def test_a_run_is_logged_with_credentials_from_the_environment_and_refused_witho
     assert result["step"] == 20
     client = MlflowClient(auth_server)
     logged = client.get_run(record.mlflow_run_id)
-    assert logged.data.tags["mlflow.user"] and "model/MLmodel" in {a.path for a in client.list_artifacts(record.mlflow_run_id, "model")}
+    assert logged.data.tags["mlflow.user"]
+    assert {m.name for m in client.search_logged_models([record.experiment_id])
+            if m.source_run_id == record.mlflow_run_id} == {"model", "best_model"}
     assert [m.step for m in client.get_metric_history(record.mlflow_run_id, "train/loss")] == [5, 10, 15, 20]
     assert {a.path for a in client.list_artifacts(record.mlflow_run_id, "checkpoints")} >= {"checkpoints/final.pt"}
 

@@ -21,8 +21,10 @@ from importlib.metadata import PackageNotFoundError, version
 import mlflow
 import numpy as np
 import yaml
+from mlflow.entities import LoggedModelOutput
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from fmm.checkpoint import FORMAT, load_payload, read_flow_map
@@ -38,8 +40,10 @@ def _requirement(package: str) -> str | None:
         return None
 
 
-def log_flow_map_model(uri: str, run_id: str, checkpoint: str, artifact_path: str = "model") -> None:
-    """Log the flow-map file `checkpoint` into run `run_id` as a pyfunc model under `artifact_path`."""
+def log_flow_map_model(uri: str, run_id: str, checkpoint: str, name: str = "model") -> str:
+    """Log the flow-map file `checkpoint` as a pyfunc model `name` of run `run_id` (an MLflow logged
+    model: the run's page and its experiment's Models tab list it; `runs:/<run id>/<name>` loads it);
+    its model id."""
     payload = load_payload(checkpoint)
     model, config = read_flow_map(checkpoint)
     shape = tuple(model.sample_shape)
@@ -58,7 +62,14 @@ def log_flow_map_model(uri: str, run_id: str, checkpoint: str, artifact_path: st
         shutil.copyfile(checkpoint, named)
         mlflow.pyfunc.save_model(local, python_model=PYFUNC_CODE, artifacts={"flow_map": named},
                                  signature=signature, metadata=metadata, pip_requirements=requirements)
-        tracking.client(uri).log_artifacts(run_id, local, artifact_path)
+        c = tracking.client(uri)
+        logged = c.create_logged_model(c.get_run(run_id).info.experiment_id, name=name, source_run_id=run_id,
+                                       model_type="fmm-flow-map",
+                                       params={"objective": metadata["fmm.objective"], "step": str(metadata["fmm.step"])})
+        c.log_model_artifacts(logged.model_id, local)
+        c.finalize_logged_model(logged.model_id, "READY")
+        c.log_outputs(run_id, [LoggedModelOutput(logged.model_id, metadata["fmm.step"])])
+    return logged.model_id
 
 
 @dataclass
@@ -68,7 +79,8 @@ class ModelRef:
     version: str
     alias: str | None
     run_id: str
-    source: str               # runs:/<run id>/<artifact path>
+    source: str               # models:/<logged model id>, or runs:/<run id>/<artifact path>
+    location: str = ""        # where the model's files are (the artifact store's URI)
     checkpoint: str = ""      # the flow-map file's path inside the model's folder (from its MLmodel)
 
     @property
@@ -105,7 +117,8 @@ def resolve(model_uri: str, tracking_uri: str) -> ModelRef:
         what = f"alias {alias!r} is not set" if alias else f"version {number} does not exist"
         raise ValueError(f"{model_uri!r}: registered model {name!r} exists but its {what} (at "
                          f"{tracking_uri}).") from None
-    ref = ModelRef(name, str(found.version), alias, found.run_id or "", found.source)
+    ref = ModelRef(name, str(found.version), alias, found.run_id or "", found.source,
+                   location=c.get_model_version_download_uri(name, str(found.version)))
     mlmodel = _mlmodel(ref, tracking_uri)
     artifacts = (mlmodel.get("flavors", {}).get("python_function") or {}).get("artifacts") or {}
     if mlmodel.get("metadata", {}).get("fmm.format") != FORMAT or "flow_map" not in artifacts:
@@ -117,26 +130,32 @@ def resolve(model_uri: str, tracking_uri: str) -> ModelRef:
 
 
 def _mlmodel(ref: ModelRef, tracking_uri: str) -> dict:
+    """The model's MLmodel file, parsed; {} when it has none (not an MLflow model)."""
     with tempfile.TemporaryDirectory() as folder:
         try:
-            path = mlflow.artifacts.download_artifacts(f"{ref.source.rstrip('/')}/MLmodel", dst_path=folder,
-                                                       tracking_uri=tracking_uri)
-        except Exception:
-            return {}
+            path = _download(ref, "MLmodel", tracking_uri, folder)
+        except MlflowException as err:
+            if "RESOURCE_DOES_NOT_EXIST" in str(err.error_code) or "not found" in str(err).lower():
+                return {}
+            raise ValueError(f"{ref.uri}: cannot read its MLmodel at {ref.location}: {str(err).splitlines()[0]}") from None
         with open(path) as f:
             return yaml.safe_load(f) or {}
 
 
-def download_checkpoint(ref: ModelRef, tracking_uri: str, folder: str) -> str:
-    """The flow-map file of a registered fmm model, downloaded into `folder`."""
-    return mlflow.artifacts.download_artifacts(f"{ref.source.rstrip('/')}/{ref.checkpoint}", dst_path=folder,
+def _download(ref: ModelRef, path: str, tracking_uri: str, folder: str) -> str:
+    return mlflow.artifacts.download_artifacts(artifact_uri=f"{ref.location.rstrip('/')}/{path}", dst_path=folder,
                                                tracking_uri=tracking_uri)
 
 
-def register(tracking_uri: str, run_id: str, name: str, alias: str | None = None,
-             artifact_path: str = "model") -> ModelRef:
-    """Register run `run_id`'s logged flow map as a new version of model `name` (created if needed),
-    and point `alias` at it."""
+def download_checkpoint(ref: ModelRef, tracking_uri: str, folder: str) -> str:
+    """The flow-map file of a registered fmm model, downloaded into `folder`."""
+    return _download(ref, ref.checkpoint, tracking_uri, folder)
+
+
+def register(tracking_uri: str, run_id: str, name: str, alias: str | None = None, model: str = "model") -> ModelRef:
+    """Register run `run_id`'s logged model `model` (a logged model of that name, else the run's artifact
+    folder of that name) as a new version of registered model `name` (created if needed), and point
+    `alias` at it."""
     c = tracking.client(tracking_uri)
     try:
         c.get_registered_model(name)
@@ -145,7 +164,17 @@ def register(tracking_uri: str, run_id: str, name: str, alias: str | None = None
             c.create_registered_model(name, tags={"fmm.format": FORMAT})
         except MlflowException:  # created meanwhile by another process
             pass
-    found = c.create_model_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id)
+    run = c.get_run(run_id)
+    logged = [m for m in c.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                                filter_string=f"source_run_id = '{run_id}'") if m.name == model]
+    if logged:
+        # MLflow's SQL registry looks the logged model up through the process's global tracking URI (a
+        # TODO in its create_model_version), not this client's: point it at the store for this call.
+        with _use_tracking_uri(tracking_uri):
+            found = c.create_model_version(name, f"models:/{logged[0].model_id}", run_id=run_id,
+                                           model_id=logged[0].model_id)
+    else:
+        found = c.create_model_version(name, f"runs:/{run_id}/{model}", run_id=run_id)
     if alias:
         c.set_registered_model_alias(name, alias, found.version)
     return ModelRef(name, str(found.version), alias, run_id, found.source)
