@@ -144,9 +144,28 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(ray_clust
     _, parent, kids = children(tmp_path, "nan-sweep")
     assert parent.info.status == "FINISHED" and parent.data.tags["trials_failed"] == "2"
     assert len(kids) == 2
-    for kid in kids:
-        assert kid.info.status == "FAILED"
+    for kid in kids:  # Tune retried each (search.max_failures) and the retry refused to train it again
+        assert kid.info.status == "FAILED" and kid.data.tags["diverged"] == "true"
         assert "FloatingPointError: loss is" in kid.data.tags["failure_reason"]
+        assert kid.data.tags["retry_refused"] == "the trial diverged"
+
+
+@pytest.mark.slow
+def test_a_trial_whose_process_is_killed_is_retried_from_its_checkpoint_and_finishes(ray_cluster, tmp_path):
+    """The trial's process SIGKILLs itself at step 25 (train.debug.kill_at_step), as when its node goes:
+    Tune starts the trial again (search.max_failures) from its step-20 checkpoint, in the same MLflow run."""
+    base = {**BASE, "train": {**BASE["train"], "checkpoint_every": 20, "debug": {"kill_at_step": 25}}}
+    path = write_sweep(tmp_path, name="killed", base=base, space={"optim.lr": {"categorical": [3.0e-3]}},
+                       search={"num_samples": 1, "max_concurrent_trials": 1, "max_failures": 1},
+                       scheduler={"kind": "fifo"})
+    sweep, tree = load_sweep(path)
+    grid = run_sweep(sweep, tree, log=lambda *_: None)
+    assert len(grid) == 1 and not grid.errors and grid[0].metrics["step"] == 40
+    client, _, kids = children(tmp_path, "killed")
+    assert [k.info.status for k in kids] == ["FINISHED"]
+    assert kids[0].data.tags["restored_from"].endswith("checkpoint_000000")  # Tune's first: step 20
+    assert "diverged" not in kids[0].data.tags
+    assert sorted(m.step for m in client.get_metric_history(kids[0].info.run_id, "train/loss")) == [20, 40]
 
 
 @pytest.mark.slow

@@ -87,6 +87,9 @@ class SearchSettings(StrictModel):
     seed: int = 0
     num_samples: int = Field(8, ge=1, le=100_000)
     max_concurrent_trials: int = Field(2, ge=1, le=10_000)
+    # a trial lost to the infrastructure (its process or node gone) starts again from its last checkpoint
+    # this many times; a trial that diverged is not trained again
+    max_failures: int = Field(2, ge=0, le=100)
 
 
 class SchedulerSettings(StrictModel):

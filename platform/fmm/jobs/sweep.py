@@ -74,6 +74,11 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         # on resume. Report what it ended with instead of training it a second time.
         ray.tune.report(finished_report(found[0], exp.train.steps))
         return
+    if found and found[0].data.tags.get("diverged") == "true":
+        # Tune retries every errored trial (search.max_failures, for trials lost to the infrastructure);
+        # one that diverged would diverge again: fail at once, with the reason it failed for.
+        tracking.set_tags(uri, found[0].info.run_id, {"retry_refused": "the trial diverged"})
+        raise FloatingPointError(f"not trained again, it diverged: {found[0].data.tags.get('failure_reason', '')}")
     record = open_run(exp, parent_run_id=parent, run_id=found[0].info.run_id if found else None,
                       extra_tags={"ray_trial_id": trial_id, "sweep": sweep.name},
                       extra_params={f"sweep.{k}": str(v) for k, v in config.items()})
@@ -93,10 +98,19 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
             pass  # the sweep's driver tagged it first (close_stopped_trials)
         raise
     except BaseException as err:
-        tracking.set_tags(uri, record.mlflow_run_id, {"failure_reason": f"{type(err).__name__}: {err}"[:5000]})
+        reason = f"{type(err).__name__}: {err}"
+        tracking.set_tags(uri, record.mlflow_run_id, {"failure_reason": reason[:5000],
+                                                      **({"diverged": "true"} if diverged(err) else {})})
         raise
     finally:
         tracking.end_run(uri, record.mlflow_run_id, status)
+
+
+def diverged(err: BaseException) -> bool:
+    """Whether a trial failed because its training diverged (the loop's FloatingPointError after its
+    rollbacks, raised in this process or, for a TorchTrainer trial, in a worker), not because a process
+    or node went away."""
+    return isinstance(err, FloatingPointError) or "FloatingPointError" in str(err)
 
 
 # -- the driver ----------------------------------------------------------------------------------
@@ -158,8 +172,9 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False,
     try:
         where = storage.ray_storage(tuner_path)
         if resume and ray.tune.Tuner.can_restore(where["storage_path"], where.get("storage_filesystem")):
+            # Errored trials continue from their checkpoints: a trial that diverged fails again at once (run_trial).
             tuner = ray.tune.Tuner.restore(where["storage_path"], trainable=trainable, resume_unfinished=True,
-                                           resume_errored=False, restart_errored=False,
+                                           resume_errored=True, restart_errored=False,
                                            storage_filesystem=where.get("storage_filesystem"))
         else:
             metrics = sweep.metrics
@@ -183,6 +198,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False,
             # The result loggers are named so that results load even where auto-loggers are switched off.
             tuner = ray.tune.Tuner(trainable, tune_config=tune_config, run_config=ray.tune.RunConfig(
                 name="tune", **storage.ray_storage(sweep_dir), verbose=1,
+                failure_config=ray.tune.FailureConfig(max_failures=sweep.search.max_failures),
                 callbacks=[JsonLoggerCallback(), CSVLoggerCallback()]))
         grid = tuner.fit()
         status = "FINISHED"
