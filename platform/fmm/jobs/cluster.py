@@ -40,7 +40,8 @@ def node_types() -> list[tuple[str, dict[str, float], int]] | None:
     """(name, resources, max_workers) of each node type of an autoscaling cluster, or None on a fixed one.
 
     From the autoscaler's published config (autoscaler v2, as Ray Train itself checks), else from the
-    cluster file: $FMM_CLUSTER_CONFIG, or the launcher's ~/ray_bootstrap_config.yaml on the head."""
+    cluster file: $FMM_CLUSTER_CONFIG (a launcher cluster file, or a KubeRay RayCluster or RayJob
+    manifest), or the launcher's ~/ray_bootstrap_config.yaml on the head."""
     try:
         config = ray._private.state.state.get_cluster_config()
     except Exception:  # no autoscaler state on this cluster
@@ -51,6 +52,8 @@ def node_types() -> list[tuple[str, dict[str, float], int]] | None:
     if not os.path.isfile(path):
         return None
     cluster = read_yaml(path, "cluster")
+    if cluster.get("kind") in ("RayCluster", "RayJob"):
+        return kuberay_node_types(cluster, path)
     types = cluster.get("available_node_types") or {}
     head = cluster.get("head_node_type")
     return [(name, {k: float(v) for k, v in (spec.get("resources") or {}).items()},
@@ -58,11 +61,45 @@ def node_types() -> list[tuple[str, dict[str, float], int]] | None:
             for name, spec in types.items()]
 
 
+def started_here() -> bool:
+    """Whether this process started the Ray it is connected to (an embedded local Ray, whose resources
+    are all it will ever have), rather than joining a cluster that may autoscale."""
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    return bool(node is not None and node.head)
+
+
+def kuberay_node_types(manifest: dict, path: str) -> list[tuple[str, dict[str, float], int]]:
+    """(name, resources, max replicas) of a KubeRay RayCluster's (or a RayJob's cluster's) head and worker
+    groups: the CPUs and GPUs each group's `rayStartParams` declare, else its container's limits."""
+    spec = manifest.get("spec") or {}
+    spec = spec.get("rayClusterSpec", spec) if manifest.get("kind") == "RayJob" else spec
+
+    def resources(group: dict) -> dict[str, float]:
+        params = group.get("rayStartParams") or {}
+        containers = ((group.get("template") or {}).get("spec") or {}).get("containers") or [{}]
+        limits = (containers[0].get("resources") or {}).get("limits") or {}
+        cpu, gpu = params.get("num-cpus", limits.get("cpu", 0)), params.get("num-gpus", limits.get("nvidia.com/gpu", 0))
+        try:
+            return {"CPU": float(str(cpu).rstrip("m")) / (1000 if str(cpu).endswith("m") else 1), "GPU": float(gpu)}
+        except ValueError:
+            raise ValueError(f"{path}: group {group.get('groupName', 'head')!r} declares CPU {cpu!r} and GPU "
+                             f"{gpu!r}; fmm reads numbers (num-cpus, num-gpus, or the container's limits).") from None
+
+    types = [("head", resources(spec.get("headGroupSpec") or {}), 1)]
+    for group in spec.get("workerGroupSpecs") or []:
+        types.append((group.get("groupName", "workers"), resources(group), int(group.get("maxReplicas", 0))))
+    return types
+
+
 def check_resources(exp: ExperimentConfig, cluster: dict[str, float], max_concurrent: int,
-                    types: list[tuple[str, dict[str, float], int]] | None = None) -> int:
+                    types: list[tuple[str, dict[str, float], int]] | None = None, *, fixed: bool = True,
+                    log=print) -> int:
     """The concurrency at which trials never wait on each other's workers. On an autoscaling cluster
     (`types`) a worker must fit one node type and the types' node limits bound the concurrency; on a
-    fixed cluster the resources it has now do. A trial the cluster can never hold is an error."""
+    fixed cluster the resources it has now do. A trial the cluster can never hold is an error; on a
+    cluster that may autoscale but whose node types fmm cannot read (`fixed=False`, e.g. KubeRay without
+    FMM_CLUSTER_CONFIG), a trial larger than the nodes up now is accepted with a warning, as Ray Train
+    does: the autoscaler may add what it needs."""
     scaling = exp.scaling
     worker = {"CPU": float(scaling.cpus_per_worker)}
     if scaling.use_gpu:
@@ -87,6 +124,12 @@ def check_resources(exp: ExperimentConfig, cluster: dict[str, float], max_concur
     need_cpu = scaling.num_workers * worker["CPU"]
     need_gpu = scaling.num_workers * worker.get("GPU", 0.0)
     have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if (need_cpu > have_cpu or need_gpu > have_gpu) and not fixed:
+        log(f"[fmm] warning: one trial needs {need_cpu:g} CPU and {need_gpu:g} GPU ({what}) and the nodes up now "
+            f"offer {have_cpu:g} CPU and {have_gpu:g} GPU; fmm cannot read this cluster's node types (set "
+            f"FMM_CLUSTER_CONFIG to its cluster file or KubeRay manifest to check them), so it proceeds: the "
+            f"trials wait until the autoscaler adds nodes that hold them, one at a time.")
+        return 1
     if need_cpu > have_cpu or need_gpu > have_gpu:
         raise ValueError(f"one trial needs {need_cpu:g} CPU and {need_gpu:g} GPU ({what}) but the cluster offers "
                          f"{have_cpu:g} CPU and {have_gpu:g} GPU: lower scaling.* in the base or the sweep's set, "

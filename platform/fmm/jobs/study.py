@@ -51,7 +51,7 @@ from fmm.infra import models, storage, tracking
 from fmm.infra.records import RUN_RECORD, STUDY_RECORD, SWEEP_RECORD, claim, open_record, read_record
 from fmm.infra.tracking import RunLogger
 from fmm.jobs.cluster import (check_evaluation_fits, check_resources, connect, evaluation_device, node_shapes,
-                              node_types, ray_options)
+                              node_types, ray_options, started_here)
 from fmm.jobs.evaluate import log_floors, log_report, log_rows, where
 from fmm.jobs.sweep import best_rows, results_table, run_sweep
 from fmm.jobs.train import run_params, run_training
@@ -92,11 +92,11 @@ def check_study_environment(plan: StudyPlan) -> None:
 def cluster_width(plan: StudyPlan) -> int:
     """How many methods train at once so that none waits on another's workers; a member that no node can
     hold is refused. Starts or joins Ray."""
-    resources, types = ray.cluster_resources(), node_types()
+    resources, types, fixed = ray.cluster_resources(), node_types(), started_here()
     limit = plan.study.max_concurrent or sum(len(m.seeds or [None]) for m in plan.methods)
-    width = min(check_resources(m.exp, resources, limit, types) for m in plan.methods)
+    width = min(check_resources(m.exp, resources, limit, types, fixed=fixed) for m in plan.methods)
     if plan.teacher is not None:
-        check_resources(plan.teacher.exp, resources, 1, types)
+        check_resources(plan.teacher.exp, resources, 1, types, fixed=fixed)
     check_evaluation_fits(plan.study.evaluation.resources, *node_shapes())
     return width
 

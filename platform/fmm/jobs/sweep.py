@@ -33,7 +33,7 @@ from fmm.experiment.checks import check_environment
 from fmm.experiment.sweep_schema import SweepConfig, holds, trial_experiment, trial_resources
 from fmm.infra import storage, tracking
 from fmm.infra.records import SWEEP_RECORD, claim, open_record
-from fmm.jobs.cluster import check_resources, connect, node_types
+from fmm.jobs.cluster import check_resources, connect, node_types, started_here
 from fmm.jobs.train import open_run
 from fmm.worker.loop import run_loop
 from fmm.worker.sessions import TuneTrialSession
@@ -139,7 +139,8 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False,
     check_environment(probe)
     in_process, resources = trial_resources(probe, sweep.trial_mode)
     connect(address)
-    concurrency = check_resources(probe, ray.cluster_resources(), sweep.search.max_concurrent_trials, node_types())
+    concurrency = check_resources(probe, ray.cluster_resources(), sweep.search.max_concurrent_trials, node_types(),
+                                  fixed=started_here(), log=log)
 
     record = open_record(sweep_dir, SWEEP_RECORD, **where, tracking_uri=tracking.resolve_uri(sweep.tracking.uri),
                          experiment=sweep.tracking.experiment,
