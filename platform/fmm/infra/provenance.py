@@ -7,10 +7,10 @@ its nested runs (sweep trials, study members and seeds) copy from their parent.
   `ray job submit`, with `ray_job_submission_id`; `LOCAL` otherwise), which the MLflow UI shows;
 - `fmm_version`: the version of the fmm package that ran (the shipped copy under `ray job submit`).
 
-Code shipped to a cluster carries no `.git`: the submitting machine passes its own values, in the
+Code shipped to a cluster carries no `.git`: the submitting machine passes its own values in the
 job's metadata (`ray job submit --metadata-json '{"fmm_git_commit": ..., "fmm_git_dirty": ...,
-"fmm_user": ...}'`, as the README's command does) or in its environment (`FMM_GIT_COMMIT`,
-`FMM_GIT_DIRTY`, `FMM_USER`), which take precedence here.
+"fmm_user": ...}'`, as the README's command does), or the environment does (`FMM_GIT_COMMIT`,
+`FMM_GIT_DIRTY`, `FMM_USER`: a job's, or the image's build argument); the metadata first.
 """
 
 from __future__ import annotations
@@ -49,9 +49,10 @@ def checkout() -> tuple[str, str]:
 
 
 def _given(key: str) -> str | None:
-    """A provenance value the submitter gave: FMM_<KEY> in the environment, else fmm_<key> in the metadata
-    of the `ray job submit` this process belongs to."""
-    return os.environ.get(f"FMM_{key.upper()}") or _job_metadata().get(f"fmm_{key}") or None
+    """A provenance value the submitter gave: fmm_<key> in the metadata of the `ray job submit` this
+    process belongs to, else FMM_<KEY> in the environment (a job's, or the image's build argument)."""
+    value = _job_metadata().get(f"fmm_{key}") or os.environ.get(f"FMM_{key.upper()}")
+    return None if value in (None, "", "unknown") else value
 
 
 def _user() -> str:
