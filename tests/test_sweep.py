@@ -298,6 +298,15 @@ def test_ray_job_submit_ships_the_checkouts_code_with_token_auth_on_and_refuses_
         assert (tags["fmm_version"], tags["git_commit"], tags["git_dirty"], tags["mlflow.source.type"]) == \
             ("0.1.0+shipped", "c0ffee", "false", "JOB")
 
+        # A runtime env that cannot ship the package (the checkout's platform/fmm is not there): refused by the
+        # job CLI before anything is submitted, naming the path.
+        with open(checkout / "broken_env.yaml", "w") as f:
+            yaml.safe_dump({"py_modules": ["platform/fmm_missing"]}, f)
+        broken = subprocess.run([c if c != "--runtime-env=runtime_env.yaml" else "--runtime-env=broken_env.yaml"
+                                 for c in command], capture_output=True, text=True, env=env, timeout=120, cwd=checkout)
+        assert broken.returncode != 0 and "fmm_missing" in broken.stdout + broken.stderr
+        assert "submitted successfully" not in broken.stdout
+
         for missing in ({"RAY_AUTH_TOKEN": ""}, {"RAY_AUTH_TOKEN": "not-the-token-" + token[:8]}):
             refused = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=checkout,
                                      env={**{k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"},
