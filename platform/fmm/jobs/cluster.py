@@ -16,21 +16,19 @@ import torch
 from fmm.experiment.schema import ExperimentConfig, read_yaml
 
 
-# MLflow's credential variables: where the driver has them, every worker of the job gets them (the
-# job's runtime environment), so that they need to exist only where the driver runs.
-MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-
-
 def connect(address: str | None = None) -> None:
     """Join the Ray at `address` (else RAY_ADDRESS), else, by Ray's rule, the one a `ray start` on this machine
-    left running, else start an embedded local one (`local` always does); once per process."""
+    left running, else start an embedded local one (`local` always does); once per process.
+
+    Secrets (MLflow's or AWS's credentials) are not handed to the workers through the job's runtime
+    environment: Ray writes runtime environments into its logs. Workers take them from their node's
+    environment: an embedded Ray inherits this process's; cluster nodes get them from the cluster files
+    (cluster/mlflow.md)."""
     if ray.is_initialized():
         return
     # Workers print progress once; Ray Train's print patch would echo every line a second time.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    credentials = {k: os.environ[k] for k in MLFLOW_CREDENTIALS if os.environ.get(k)}
-    ray.init(address=address, log_to_driver=True,
-             runtime_env={"env_vars": credentials} if credentials else None)
+    ray.init(address=address, log_to_driver=True)
 
 
 CLUSTER_CONFIG = "~/ray_bootstrap_config.yaml"  # where the Ray cluster launcher puts the head's cluster file
