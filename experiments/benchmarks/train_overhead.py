@@ -7,8 +7,10 @@ Both run the same objective, model, global batch and worker count:
   holding 2 CPUs;
 - 2 workers: two bare processes (torch.multiprocessing, gloo, 1 thread each, gradients averaged
   by the same all-reduce), against `fmm train` with two workers of 1 CPU.
-Steady-state step time is the median over logging windows after the first (fmm train's from its
-MLflow `train/samples_per_s` history); start-up is the wall time not spent in steps. Peak memory
+A third row runs `fmm train` not live (metrics written at checkpoints only, no system metrics), so
+the cost of live logging is read against the same platform in the same run. Steady-state step time
+is the median over logging windows after the first (fmm train's from its MLflow
+`train/samples_per_s` history); start-up is the wall time not spent in steps. Peak memory
 is the largest resident set of the training process (rank 0). With --repeat N the pairs run N times,
 interleaved, and the summary gives the median overhead: on a shared 2-core machine one pair varies
 by several percent either way.
@@ -41,12 +43,15 @@ BASE = {
 }
 
 
-def experiment(name: str, objective: str, steps: int, workers: int, cpus: int, root: str):
+def experiment(name: str, objective: str, steps: int, workers: int, cpus: int, root: str, live: bool = True):
+    """`live`: metrics flushed every 5 s and system metrics every 10 s (the defaults); off: metrics written
+    at checkpoints only and no system metrics, as before live logging."""
     from fmm.experiment.schema import load_experiment
 
     raw = copy.deepcopy(BASE)
+    tracking = {} if live else {"flush_seconds": 3600, "system_metrics_seconds": 0}
     raw.update(name=name, objective={"name": objective}, storage={"path": f"{root}/runs"},
-               tracking={"uri": f"sqlite:///{root}/mlflow.db", "experiment": "bench"},
+               tracking={"uri": f"sqlite:///{root}/mlflow.db", "experiment": "bench", **tracking},
                scaling={"num_workers": workers, "cpus_per_worker": cpus})
     raw["train"]["steps"] = steps
     return load_experiment(raw=raw)
@@ -135,20 +140,28 @@ def main() -> None:
     print(f"objective {args.objective}, MLP 2->256x3, global batch {BASE['train']['batch_size']}, {args.steps} steps")
     print(f"{'workers':8s} {'loop':9s} {'step ms':>8s} {'overhead':>9s} {'start-up s':>11s} {'peak MB':>8s}")
     overheads: dict[int, list[float]] = {1: [], 2: []}
+    live_cost: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as root:
         for repeat in range(args.repeat):
             for workers, cpus in ((1, 2), (2, 1)):
                 exp = experiment(f"bench-{workers}-{repeat}", args.objective, args.steps, workers, cpus, root)
                 bare = run_bare(exp)
                 ours = run_fmm(exp)
+                quiet = run_fmm(experiment(f"quiet-{workers}-{repeat}", args.objective, args.steps, workers, cpus,
+                                           root, live=False))
                 overheads[workers].append(ours[0] / bare[0] - 1)
+                live_cost[workers].append(ours[0] / quiet[0] - 1)
                 print(f"{workers:<8d} {'bare':9s} {1000 * bare[0]:8.2f} {'':>9s} {bare[1]:11.1f} {bare[2]:8.0f}")
                 print(f"{workers:<8d} {'fmm train':9s} {1000 * ours[0]:8.2f} {100 * overheads[workers][-1]:8.1f}% "
                       f"{ours[1]:11.1f} {ours[2]:8.0f}")
+                print(f"{workers:<8d} {'not live':9s} {1000 * quiet[0]:8.2f} {100 * (quiet[0] / bare[0] - 1):8.1f}% "
+                      f"{quiet[1]:11.1f} {quiet[2]:8.0f}")
     if args.repeat > 1:
         for workers, values in overheads.items():
             print(f"{workers} worker(s): median overhead {100 * statistics.median(values):+.1f}% over {len(values)} "
-                  f"pairs ({', '.join(f'{100 * v:+.1f}%' for v in values)})")
+                  f"pairs ({', '.join(f'{100 * v:+.1f}%' for v in values)}); live logging against not live "
+                  f"{100 * statistics.median(live_cost[workers]):+.1f}% "
+                  f"({', '.join(f'{100 * v:+.1f}%' for v in live_cost[workers])})")
     ray.shutdown()
 
 
