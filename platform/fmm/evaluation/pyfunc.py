@@ -20,11 +20,8 @@ import mlflow
 import numpy as np
 import torch
 
-from fmm.checkpoint import load_flow_map, load_payload
-from fmm.experiment.builders import build_interpolant
-from fmm.experiment.schema import ExperimentConfig
-from fmm.objectives import sampler_for
-from fmm.sampling import make_sampler
+from fmm.checkpoint import load_flow_map
+from fmm.experiment.builders import method_sampler
 
 
 # MLflow suggests type hints on predict for its own validation; the model's signature states the input.
@@ -35,12 +32,8 @@ class FlowMapModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         path = context.artifacts["flow_map"]
         self.model = load_flow_map(path).eval()
-        config = load_payload(path).get("config")
-        if config:
-            exp = ExperimentConfig(**config)
-            self.sampler = sampler_for(exp.objective, build_interpolant(exp), seed=exp.train.seed + 2)[0]
-        else:
-            self.sampler = make_sampler("flow_map")
+        # the method's own sampler, seeded as `fmm sample` seeds it by default (seed 0): the same samples
+        self.sampler = method_sampler(path, None, seed=2)[1]
 
     def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
         steps = int((params or {}).get("steps", 1))

@@ -9,14 +9,15 @@ import torch
 
 from fmm.experiment.data import read_manifest
 from fmm.experiment.schema import ExperimentConfig
-from fmm.checkpoint import load_flow_map
+from fmm.checkpoint import load_flow_map, load_payload
 from fmm.experiment.teachers import fetch_checkpoint, make_teacher
 from fmm.flowmap import FlowMap, ModelVelocity, VelocityField, make_flow_map
 from fmm.groundtruth import make_target
 from fmm.interpolants import Interpolant, make_schedule
 from fmm.nets import make_network
-from fmm.objectives import OBJECTIVES, Objective, make_objective
+from fmm.objectives import OBJECTIVES, Objective, make_objective, sampler_for
 from fmm.objectives.registry import objective_class
+from fmm.sampling import make_sampler
 
 
 def build_interpolant(exp: ExperimentConfig) -> Interpolant:
@@ -149,3 +150,21 @@ def reported_metrics(exp: ExperimentConfig) -> list[str]:
     if not exp.train.eval_every:
         return ["loss"]
     return ["loss"] + [f"eval/{eval_metric(exp)}_steps{k:03d}" for k in exp.train.eval_steps]
+
+
+def method_sampler(path: str, kind: str | None, seed: int, gamma: float = 0.0):
+    """(sigma0, sampler) for the run that wrote the checkpoint: its method's own sampler unless `kind`
+    names one (flow_map, consistency, gamma); sigma0 = 1 and the flow-map chain when it records no
+    experiment."""
+    payload = load_payload(path)
+    config = payload.get("config")
+    if not config:
+        if kind not in (None, "flow_map"):
+            raise ValueError(f"--sampler {kind!r} re-noises along the run's interpolant, but this checkpoint records "
+                             f"no experiment: use --sampler flow_map.")
+        return 1.0, make_sampler("flow_map")
+    exp = ExperimentConfig(**config)
+    interpolant = build_interpolant(exp)
+    if kind is None:
+        return interpolant.sigma0, sampler_for(exp.objective, interpolant, seed)[0]
+    return interpolant.sigma0, make_sampler(kind, interpolant, gamma=gamma, seed=seed)

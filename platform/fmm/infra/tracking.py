@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -74,12 +75,13 @@ def ensure_experiment(uri: str, name: str) -> str:
     try:
         found = c.get_experiment_by_name(name)
     except mlflow.exceptions.MlflowException as err:
-        status = err.get_http_status_code()
-        if status not in (401, 403) and " 401 " not in str(err) and " 403 " not in str(err):
+        # the authentication app answers in plain text: the status is in the message, not the error's code
+        refused = re.search(r"error code (401|403)\b", str(err))
+        if refused is None:
             raise
         given = "MLFLOW_TRACKING_USERNAME" in os.environ or "MLFLOW_TRACKING_TOKEN" in os.environ
         raise ValueError(
-            f"the MLflow tracking server at {uri} refused fmm ({401 if ' 401 ' in str(err) else status}: "
+            f"the MLflow tracking server at {uri} refused fmm ({refused.group(1)}: "
             f"{'the credentials given are not accepted' if given else 'no credentials given'}); set "
             f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for a user "
             f"the server knows, with permission on experiment {name!r}, in the environment of the command "

@@ -14,31 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from fmm.checkpoint import load_flow_map, load_payload
-from fmm.experiment.builders import build_interpolant
-from fmm.experiment.schema import ExperimentConfig
+from fmm.checkpoint import load_flow_map
+from fmm.experiment.builders import method_sampler
 from fmm.experiment.teachers import fetch_checkpoint
 from fmm.infra import storage
-from fmm.objectives import sampler_for
-from fmm.sampling import make_sampler
-
-
-def method_sampler(path: str, kind: str | None, seed: int, gamma: float = 0.0):
-    """(sigma0, sampler) for the run that wrote the checkpoint: its method's own sampler unless `kind`
-    names one (flow_map, consistency, gamma); sigma0 = 1 and the flow-map chain when it records no
-    experiment."""
-    payload = load_payload(path)
-    config = payload.get("config")
-    if not config:
-        if kind not in (None, "flow_map"):
-            raise ValueError(f"--sampler {kind!r} re-noises along the run's interpolant, but this checkpoint records "
-                             f"no experiment: use --sampler flow_map.")
-        return 1.0, make_sampler("flow_map")
-    exp = ExperimentConfig(**config)
-    interpolant = build_interpolant(exp)
-    if kind is None:
-        return interpolant.sigma0, sampler_for(exp.objective, interpolant, seed)[0]
-    return interpolant.sigma0, make_sampler(kind, interpolant, gamma=gamma, seed=seed)
 
 
 def sample(checkpoint: str, steps: int, *, noise_path: str | None = None, samples: int = 1000, seed: int = 0,
