@@ -445,9 +445,14 @@ def test_a_study_with_seeds_killed_midway_resumes_without_retraining_finished_se
     assert table_cells(out.stdout, ["lmd"])["lmd"] == [f"{m:.4g} ± {(h - lo) / 2:.2g}"
                                                        for m, lo, h in zip(held["sw2"], held["sw2/low"], held["sw2/high"])]
     seed_runs = client.search_runs([member.info.experiment_id], f"tags.mlflow.parentRunId = '{member.info.run_id}'")
-    assert {r.info.run_id: r.info.status for r in seed_runs if r.info.status != "FINISHED"} == {stray: "KILLED"}
-    assert client.get_run(stray).data.tags["superseded_by"] == state["seed_runs"]["lmd"]["1"]
-    seed_runs = [r for r in seed_runs if r.info.run_id != stray]
+    # Every stray ends KILLED and points at the run that stands: the one made here, and the driver's own when
+    # the kill also hit that window (it may or may not).
+    strays = {r.info.run_id: r for r in seed_runs if r.info.status != "FINISHED"}
+    assert stray in strays and len(strays) <= 2
+    for run in strays.values():
+        assert run.info.status == "KILLED" and run.data.tags["study_seed"] == "1"
+        assert run.data.tags["superseded_by"] == state["seed_runs"]["lmd"]["1"]
+    seed_runs = [r for r in seed_runs if r.info.run_id not in strays]
     assert sorted(r.data.tags["study_seed"] for r in seed_runs) == ["0", "1"]
     for run in seed_runs:
         tags = run.data.tags
