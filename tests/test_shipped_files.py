@@ -24,7 +24,7 @@ def shipped(kind: str) -> list[str]:
 
 
 def test_every_kind_of_file_is_shipped():
-    assert shipped("train") and shipped("sweeps") and shipped("studies")
+    assert shipped("train") and shipped("sweeps") and shipped("studies") and shipped("papers")
 
 
 @pytest.mark.parametrize("path", shipped("train"), ids=os.path.basename)
@@ -38,7 +38,7 @@ def test_shipped_sweep_gives_a_valid_experiment_for_every_probe(path):
     assert sweep.space and base
 
 
-@pytest.mark.parametrize("path", shipped("studies"), ids=os.path.basename)
+@pytest.mark.parametrize("path", shipped("studies") + shipped("papers"), ids=os.path.basename)
 def test_shipped_study_plans_every_member(path):
     study = load_study(path)
     plan = plan_study(study, "sqlite:///unused.db")

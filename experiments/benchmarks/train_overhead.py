@@ -76,7 +76,7 @@ def bare_loop(rank: int, world: int, port: int, exp, out: str) -> None:
     objective.prepare(model, teacher)
     broadcast_parameters(model)
     optimiser, scheduler = build_optimiser(exp, trainable_parameters(model, objective), exp.train.steps)
-    data = DataSource(exp.data.target, exp.data.path, rank, world, seed=rank)
+    data = DataSource(exp.data.target, exp.data.path, rank, world, seed=rank, target_options=exp.data.target_options)
     per_worker = exp.train.batch_size // world
     windows, start = [], time.perf_counter()
     for step in range(exp.train.steps):

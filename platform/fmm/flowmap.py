@@ -121,6 +121,10 @@ class FlowMap(TwoTimeMap):
             raise ValueError(f"the teacher's network {getattr(teacher.net, 'config', None)} is not this model's "
                              f"{getattr(self.net, 'config', None)}: a student starts from its teacher's weights only "
                              f"when both are the same network.")
+        if getattr(self.net, "times", "embedding") == "raw":
+            raise ValueError("a student starts from its teacher's weights through a two-time embedding made blind to "
+                             "t - s, and this network takes raw times (network.times: raw): use times: embedding, "
+                             "or init: none.")
         self.load_state_dict(teacher.state_dict())
         for module in self.modules():
             if isinstance(module, TwoTimeEmbedding):

@@ -34,7 +34,7 @@ from fmm.evaluation.classifier_features import ClassifierFeatures
 from fmm.experiment.data import read_labels, read_manifest, read_part
 from fmm.experiment.schema import ExperimentConfig
 from fmm.flowmap import TwoTimeMap, VelocityField
-from fmm.groundtruth import BoxMixture, ExactVelocity, make_target, reference_flow_map
+from fmm.groundtruth import BoxMixture, ExactVelocity, reference_flow_map
 from fmm.infra import storage
 from fmm.interpolants import Interpolant
 from fmm.metrics import IMAGE_METRICS, VECTOR_METRICS
@@ -110,6 +110,10 @@ class Scorer:
                 wanted.append("rmse_vs_ode")
             if log_density is not None and shape == (2,) and "histogram_kl" not in wanted:
                 wanted.append("histogram_kl")
+        if "histogram_kl" in wanted and (log_density is None or shape != (2,)):
+            raise ValueError("histogram_kl is the KL of a 50 x 50 histogram against a known density on a 2-D board, "
+                             "defined for a 2-D box target such as data.target: checkerboard; this data is not one. "
+                             "Choose another metric (sw2, energy, mmd, w2_exact).")
         self.wanted, self.reference, self.reference_map = wanted, reference, reference_map
         self.log_density, self.extent = log_density, extent
         self.primary = wanted[0]
@@ -167,8 +171,11 @@ def _timed(fn):
     return result, time.perf_counter() - start
 
 
-def teacher_grid(max_nfe: int) -> list[tuple[str, dict, int]]:
-    """(solver, solve_ode kwargs, NFE) at NFE 1, 2, 4, ... up to max_nfe, plus dopri5 tolerances."""
+TOLERANCES = (1e-2, 1e-3, 1e-5)  # dopri5's rtol = atol in the teacher grid
+
+
+def teacher_grid(max_nfe: int, tolerances=TOLERANCES) -> list[tuple[str, dict, int]]:
+    """(solver, solve_ode kwargs, NFE) at NFE 1, 2, 4, ... up to max_nfe, plus dopri5 at `tolerances`."""
     runs = []
     n = 1
     while n <= max_nfe:
@@ -180,7 +187,7 @@ def teacher_grid(max_nfe: int) -> list[tuple[str, dict, int]]:
             k = (n + 3) // 4
             runs.append(("rk4-le", {"method": "rk4", "steps": k, "last_step_euler": True}, 4 * k - 3))
         n *= 2
-    for tol in (1e-2, 1e-3, 1e-5):
+    for tol in tolerances:
         runs.append((f"dopri5-{tol:g}", {"method": "dopri5", "rtol": tol, "atol": tol}, 0))
     return runs
 
@@ -188,13 +195,13 @@ def teacher_grid(max_nfe: int) -> list[tuple[str, dict, int]]:
 def run_protocol(model, teacher, noise: torch.Tensor, steps: list[int], scorer: Scorer,
                  teacher_max_nfe: int = 256, log=print, progress: bool = True, sampler=None,
                  sampler_kind: str = "flow_map", kl_noise: torch.Tensor | None = None,
-                 floors: dict[str, float] | None = None) -> Report:
+                 floors: dict[str, float] | None = None, teacher_tolerances=TOLERANCES) -> Report:
     """The learned map at each step count (with `sampler(model, noise, steps)`, the flow-map chain by
     default), then every teacher solver of `teacher_grid`, all from `noise` (and from `kl_noise` for
     the histogram KL). Each run is one batched solve over the whole noise set; a progress bar counts
     the runs."""
     sampler = sampler or make_sampler("flow_map")
-    grid = teacher_grid(teacher_max_nfe) if teacher is not None else []
+    grid = teacher_grid(teacher_max_nfe, teacher_tolerances) if teacher is not None else []
     bar = tqdm(total=len(steps) + len(grid), desc="sampling", unit="run", disable=not progress)
     kl = kl_noise if "histogram_kl" in scorer.wanted else None
     device = device_of(model if model is not None else getattr(teacher, "model", None))
@@ -366,7 +373,7 @@ def reference_sets(exp: ExperimentConfig, shape: tuple[int, ...], samples: int, 
     classifier-feature distance trains on), or no reference rows (None per set) when no metric needs
     `subsets` (the FID against the whole training set's statistics)."""
     if exp.data.target is not None:
-        target = make_target(exp.data.target)
+        target = exp.data.make_target()
         if (target.dim,) != shape:
             raise ValueError(f"the checkpoint's samples have shape {list(shape)} but {exp.data.target!r} has "
                              f"[{target.dim}].")
@@ -450,7 +457,7 @@ def build_protocol(exp: ExperimentConfig, interpolant: Interpolant, shape: tuple
     references, labelled = reference_sets(exp, shape, samples, sets,
                                           lambda j: torch.Generator().manual_seed(seed + SET_STRIDE * j + 1),
                                           wants_classifier, subsets=needs_subsets(shape, metrics_wanted, fid_reference))
-    target = make_target(exp.data.target) if exp.data.target is not None else None
+    target = exp.data.make_target() if exp.data.target is not None else None
     exact = ExactVelocity(target, interpolant) if target is not None else None
     out = []
     for j, reference in enumerate(references):
@@ -505,7 +512,7 @@ def merge_seeds(row_lists: list[list[Row]]) -> list[Row]:
 
 
 def run_sets(model, teacher, protocol: Protocol, steps: list[int], teacher_max_nfe: int = 256, log=print,
-             progress: bool = True, sampler=None, sampler_kind: str = "flow_map") -> Report:
+             progress: bool = True, sampler=None, sampler_kind: str = "flow_map", teacher_tolerances=TOLERANCES) -> Report:
     """run_protocol on each of the protocol's evaluation sets, merged (merge_sets)."""
     reports = []
     for j, ev in enumerate(protocol.sets):
@@ -513,7 +520,7 @@ def run_sets(model, teacher, protocol: Protocol, steps: list[int], teacher_max_n
             log(f"[fmm] evaluation set {j + 1} of {len(protocol.sets)}")
         reports.append(run_protocol(model, teacher, ev.noise, steps, ev.scorer, teacher_max_nfe, log,
                                     progress=progress, sampler=sampler, sampler_kind=sampler_kind,
-                                    kl_noise=ev.kl_noise, floors=ev.floors))
+                                    kl_noise=ev.kl_noise, floors=ev.floors, teacher_tolerances=teacher_tolerances))
     return merge_sets(reports)
 
 

@@ -12,7 +12,6 @@ from fmm.experiment.schema import ExperimentConfig
 from fmm.checkpoint import load_flow_map, load_payload
 from fmm.experiment.teachers import fetch_checkpoint, make_teacher
 from fmm.flowmap import FlowMap, ModelVelocity, VelocityField, make_flow_map
-from fmm.groundtruth import make_target
 from fmm.interpolants import Interpolant, make_schedule
 from fmm.nets import make_network
 from fmm.objectives import OBJECTIVES, Objective, make_objective, sampler_for
@@ -117,7 +116,7 @@ def build_optimiser(exp: ExperimentConfig, params, total_steps: int):
 
 def target_shape(exp: ExperimentConfig) -> tuple[int, ...] | None:
     """The sample shape of a toy target (known without any I/O), None for Parquet data."""
-    return (make_target(exp.data.target).dim,) if exp.data.target is not None else None
+    return (exp.data.make_target().dim,) if exp.data.target is not None else None
 
 
 def data_shape(exp: ExperimentConfig) -> tuple[int, ...]:

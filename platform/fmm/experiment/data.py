@@ -359,11 +359,11 @@ class DataSource:
     uniformly; a larger one is streamed (RowStream), so memory does not grow with the dataset."""
 
     def __init__(self, target: str | None, path: str | None, rank: int, world: int, seed: int,
-                 buffer_rows: int = 65536):
+                 buffer_rows: int = 65536, target_options: dict | None = None):
         self.generator = torch.Generator().manual_seed(seed)
         self.target = self.rows = self.stream = None
         if target is not None:
-            self.target = make_target(target)
+            self.target = make_target(target, target_options)
             self.shape: tuple[int, ...] = (self.target.dim,)
             return
         self.manifest = read_manifest(path)

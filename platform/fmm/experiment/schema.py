@@ -2,7 +2,8 @@
 
     name: flower-lmd
     data: {target: flower}                      # or {path: ./data/flower} / s3://... Parquet shards
-    interpolant: {schedule: linear, sigma0: 1.0}
+                                                # a target's options: {target: checkerboard, target_options: {extent: 1.0}}
+    interpolant: {schedule: linear, sigma0: 1.0}   # sigma0: data -> the data's standard deviation
     network: {name: mlp, dim: 2, width: 256, depth: 3}
     objective: {name: lmd, diagonal_fraction: 0.25}
     teacher: {kind: exact, target: flower}      # distillation only
@@ -22,18 +23,22 @@ from __future__ import annotations
 import copy
 import os
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
 
 from fmm.config import StrictModel, validate
+from fmm.groundtruth import make_target
 from fmm.infra import storage
 from fmm.infra.storage import refuse_credentials
 
 
 class DataConfig(StrictModel):
     target: str | None = None
+    # The target's options, by name (`fmm.groundtruth.target_options`): checkerboard {squares: 4, extent: 2.0}
+    # (the board on [-extent, extent]^2), flower {modes: 8, radius: 5.0, variance: 0.5}.
+    target_options: dict[str, Any] = {}
     path: str | None = None
     # A worker holds its part of the shards in memory up to this many rows (uint8 for images); a larger
     # part is streamed through a shuffle buffer of this many rows (fmm.experiment.data.RowStream).
@@ -43,13 +48,26 @@ class DataConfig(StrictModel):
     def _one_source(self) -> DataConfig:
         if (self.target is None) == (self.path is None):
             raise ValueError("give exactly one of target (a toy target sampled exactly) or path (Parquet shards)")
+        if self.target_options and self.target is None:
+            raise ValueError("target_options configure a toy target (data.target); Parquet data takes none")
+        if self.target is not None:
+            self.make_target()
         return self
+
+    def make_target(self):
+        """The toy target with its options (a ValueError naming data.target_options if they are wrong)."""
+        try:
+            return make_target(self.target, self.target_options)
+        except ValueError as err:
+            raise ValueError(f"data.target / data.target_options: {err}") from None
 
 
 class InterpolantConfig(StrictModel):
     schedule: str = "linear"
     params: dict[str, float] = {}
-    sigma0: float = Field(1.0, gt=0)
+    # The base's standard deviation; `data`: a toy target's, in closed form, as the self-distillation paper scales its Gaussian base (2505.18825 App. G). Resolved
+    # to the number when the experiment is read, so a run's config records the value it trained with.
+    sigma0: Annotated[float, Field(gt=0)] | Literal["data"] = 1.0
     latent_noise: float = Field(0.0, ge=0)
 
 
@@ -141,6 +159,16 @@ class ExperimentConfig(StrictModel):
             refuse_credentials(uri, key)
         if "name" not in self.network:
             raise ValueError("network needs a 'name' (mlp or unet) and its keyword arguments")
+        if self.interpolant.sigma0 == "data" or self.network.get("input_scale") == "data":
+            std = data_std(self.data)
+            if self.interpolant.sigma0 == "data":
+                self.interpolant.sigma0 = std
+            if self.network.get("input_scale") == "data":
+                self.network = {**self.network, "input_scale": std}
+        teacher = self.teacher or {}
+        if (teacher.get("kind") == "exact" and teacher.get("target") == self.data.target
+                and "target_options" not in teacher and self.data.target_options):
+            self.teacher = {**teacher, "target_options": dict(self.data.target_options)}  # the data's own board
         if "name" not in self.objective:
             raise ValueError("objective needs a 'name' (see `fmm objectives`)")
         if self.scaling.min_workers is not None and self.scaling.min_workers > self.scaling.num_workers:
@@ -150,6 +178,14 @@ class ExperimentConfig(StrictModel):
             raise ValueError(f"train.batch_size ({self.train.batch_size}) must divide evenly over "
                              f"scaling.num_workers ({self.scaling.num_workers})")
         return self
+
+
+def data_std(data: DataConfig) -> float:
+    """A toy target's standard deviation sqrt(tr Cov / d), in closed form."""
+    if data.target is None:
+        raise ValueError("sigma0: data and network.input_scale: data take the standard deviation of a toy target "
+                         "(data.target); for Parquet data give the number.")
+    return data.make_target().std()
 
 
 def set_key(tree: dict[str, Any], dotted: str, value: Any) -> None:

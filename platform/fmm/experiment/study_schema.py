@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -47,6 +47,7 @@ from fmm.experiment.schema import (ExperimentConfig, StorageConfig, TrackingConf
                                    load_experiment, read_yaml, set_key)
 from fmm.experiment.sweep_schema import (Distribution, MetricSpec, SchedulerSettings, SearchSettings, SweepConfig,
                                          check_sweep)
+from fmm.groundtruth import BoxMixture
 from fmm.infra import storage
 from fmm.metrics import IMAGE_METRICS, VECTOR_METRICS
 from fmm.objectives import OBJECTIVES
@@ -94,6 +95,9 @@ class EvaluationSpec(StrictModel):
     samples: int = Field(4000, ge=10, le=10**7)
     metrics: list[str] | None = None        # the first is the quality metric of the comparison
     teacher_max_nfe: int = Field(64, ge=1, le=4096)
+    # dopri5's tolerances (rtol = atol) among the teacher's solvers; [] leaves the adaptive solver out (the
+    # exact checkerboard velocity is stiff near t = 1: dopri5 at 1e-5 spends about 250 NFE per point)
+    teacher_tolerances: list[Annotated[float, Field(gt=0, lt=1)]] = [1e-2, 1e-3, 1e-5]
     seed: int = 0
     sets: int = Field(1, ge=1, le=100)      # independent evaluation sets (noise and reference draws)
     # FID (images): against the statistics of every training row ("train", as papers report it) or of
@@ -125,6 +129,23 @@ class EvaluationSpec(StrictModel):
         return sorted(set(steps))
 
 
+class PublishedTable(StrictModel):
+    """A paper's numbers for this study's methods, printed beside the study's own (`fmm study`, `fmm compare`):
+    `scores[label][steps]` in the study's quality metric (`metric`, the first of evaluation.metrics)."""
+
+    source: str = Field(..., min_length=1, max_length=200)  # e.g. "LSD 2505.18825 Table 1"
+    metric: str
+    scores: dict[str, dict[int, float]]
+
+    @field_validator("scores")
+    @classmethod
+    def _scores(cls, scores: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
+        if not scores or any(not row for row in scores.values()):
+            raise ValueError("scores holds, per method label, the paper's value at each step count, e.g. "
+                             "{lsd: {1: 0.086, 2: 0.077}}")
+        return scores
+
+
 class StudyConfig(StrictModel):
     name: str = Field(..., min_length=1, pattern=NAME)
     base: dict[str, Any]
@@ -135,6 +156,7 @@ class StudyConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig(experiment="fmm-studies")
     max_concurrent: int | None = Field(None, ge=1)
     seeds: list[int] | None = None          # training seeds of every method; None: one run at train.seed
+    published: PublishedTable | None = None  # a paper's numbers, shown beside the study's
 
     @field_validator("seeds")
     @classmethod
@@ -162,7 +184,32 @@ class StudyConfig(StrictModel):
         for key in ("name", "objective", "storage", "tracking"):
             if key in self.base:
                 raise ValueError(f"base.{key}: the study sets each member's {key} itself; remove it from base")
+        if self.published is not None:
+            unknown = sorted(set(self.published.scores) - set(self.methods))
+            if unknown:
+                raise ValueError(f"published.scores names {unknown}, which are not methods of this study "
+                                 f"({sorted(self.methods)})")
+            primary = (self.evaluation.metrics or [None])[0]
+            if self.published.metric != primary:
+                raise ValueError(f"published.metric is {self.published.metric!r} but the study's quality metric (the "
+                                 f"first of evaluation.metrics) is {primary!r}: a paper's numbers sit beside the "
+                                 f"study's only in the same metric")
         return self
+
+
+def check_histogram_kl(exp: ExperimentConfig, where: str) -> None:
+    """The histogram KL (LSD 2505.18825 §3.3) bins a 2-D box target's density over its board: refuse it for
+    any other data."""
+    what = (f"Parquet data at {exp.data.path!r}" if exp.data.target is None
+            else f"the target {exp.data.target!r}")
+    if exp.data.target is not None:
+        target = exp.data.make_target()
+        if isinstance(target, BoxMixture) and target.dim == 2:
+            return
+        what += f" ({target.dim}-D {'box mixture' if isinstance(target, BoxMixture) else 'Gaussian mixture'})"
+    raise ValueError(f"{where}: histogram_kl is the KL of a 50 x 50 histogram against a known density on a 2-D "
+                     f"board, defined for a 2-D box target such as data.target: checkerboard; {what} is not one. "
+                     f"Choose another metric (sw2, energy, mmd, w2_exact).")
 
 
 def merged(base: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
@@ -358,4 +405,6 @@ def plan_study(study: StudyConfig, uri: str) -> StudyPlan:
     if bad:
         raise ValueError(f"{where}: evaluation.metrics {bad} do not apply to data of shape {list(shape)}; choose "
                          f"from {list(allowed)}.")
+    if "histogram_kl" in (study.evaluation.metrics or []):
+        check_histogram_kl(methods[0].exp, f"{where}: evaluation.metrics")
     return StudyPlan(study, uri, teacher, methods, shape)

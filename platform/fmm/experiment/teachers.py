@@ -30,6 +30,7 @@ from fmm.interpolants import Interpolant, VelocityOnPath, make_schedule
 class TeacherConfig(StrictModel):
     kind: Literal["exact", "checkpoint"]
     target: str | None = None
+    target_options: dict = {}        # the target's options; by default the data's, when it is the data's target
     path: str | None = None          # a local file, an s3:// URI, runs:/<mlflow run id>[/artifact path] or models:/...
     use_ema: bool = True
     tracking_uri: str | None = None  # for runs:/ and models:/ paths; default as for training
@@ -74,7 +75,7 @@ def make_teacher(spec: dict | TeacherConfig, interpolant: Interpolant) -> Veloci
     if cfg.kind == "exact":
         if cfg.target is None:
             raise ValueError("teacher: kind 'exact' needs 'target' (one of the toy targets, e.g. 'flower').")
-        return ExactVelocity(make_target(cfg.target), interpolant)
+        return ExactVelocity(make_target(cfg.target, cfg.target_options), interpolant)
     if cfg.path is None:
         raise ValueError("teacher: kind 'checkpoint' needs 'path' (a flow-map checkpoint file).")
     model, config = read_flow_map(fetch_checkpoint(cfg.path, cfg.tracking_uri), use_ema=cfg.use_ema)

@@ -90,6 +90,14 @@ class BoxMixture:
         lows = torch.tensor(corners, dtype=F64)
         return cls(lows, lows + side)
 
+    def std(self) -> float:
+        """The data's standard deviation, sqrt(tr Cov(x1) / d), in closed form (interpolant.sigma0: data):
+        per coordinate, E x = sum_k pi_k (a + b) / 2 and E x^2 = sum_k pi_k (a^2 + a b + b^2) / 3."""
+        a, b = self.lows, self.highs
+        mean = self.weights @ ((a + b) / 2)
+        second = self.weights @ ((a * a + a * b + b * b) / 3)
+        return float((second - mean**2).mean().sqrt())
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         box = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         u = torch.rand(n, self.dim, dtype=F64, generator=generator)

@@ -74,6 +74,12 @@ class GaussianMixture:
         means = radius * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
         return cls.isotropic(torch.ones(modes, dtype=F64), means, torch.full((modes,), variance, dtype=F64))
 
+    def std(self) -> float:
+        """The data's standard deviation, sqrt(tr Cov(x1) / d), in closed form (interpolant.sigma0: data)."""
+        mean = self.weights @ self.means
+        second = (self.weights[:, None, None] * (self.covariances + self.means[:, :, None] * self.means[:, None, :])).sum(0)
+        return float(((torch.diagonal(second) - mean**2).mean()).sqrt())
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n exact samples (float64)."""
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)

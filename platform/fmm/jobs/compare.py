@@ -22,6 +22,7 @@ the teacher solvers `fmm evaluate` logged into it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -82,6 +83,7 @@ class Comparison:
     own_teachers: dict[str, dict[str, Curve]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     floor: list[float] | None = None          # what exact samples score on each evaluation set (toy targets)
+    published: dict | None = None             # a paper's numbers (study_schema.PublishedTable), in this metric
 
     @property
     def steps(self) -> list[int]:
@@ -116,12 +118,17 @@ class Comparison:
         rows = [header]
         ranks = self.ranks()
         marks = {"best": " *", "tie": " ~"}
+        published = self.published["scores"] if self.published and self.published["metric"] == self.metric else {}
         for c in self.methods:
             cells = []
             for n in self.steps:
                 mark = marks.get(ranks[n].get(c.label), "") if len(ranks[n]) > 1 else ""
                 cells.append(c.estimate(n).text() + mark if n in c.cells else "-")
             rows.append([c.label, c.sampler, str(c.n)] + cells)
+            if c.label in published:  # the paper's row beside the method's
+                values = {int(k): v for k, v in published[c.label].items()}
+                rows.append([f"{c.label} (paper)", "published", "-"]
+                            + [f"{values[n]:.4g}" if n in values else "-" for n in self.steps])
         for label in self.failures:
             rows.append([label, "FAILED", "-"] + ["-" for _ in self.steps])
         for name, solvers in (("teacher ODE", self.teacher), ("exact ODE", self.exact)):
@@ -130,6 +137,11 @@ class Comparison:
                 rows.append([name, "best solver", str(max(c.n for c in solvers.values()))]
                             + [e.text() if e else "-" for e in ests])
         return rows
+
+    def published_line(self) -> str:
+        if not (self.published and self.published["metric"] == self.metric):
+            return ""
+        return f"(paper): as published in {self.published['source']}, at the paper's budget"
 
     def floor_line(self) -> str:
         if not self.floor:
@@ -192,8 +204,7 @@ class Comparison:
         lines = [self.title, f"{self.metric} by sampling steps (NFE), {self.samples} samples; lower is better; "
                  f"{self.spread()}", ""]
         lines += _text_table(self.quality_rows())
-        if self.floor:
-            lines.append(self.floor_line())
+        lines += [line for line in (self.published_line(), self.floor_line()) if line]
         lines.append("")
         for solvers, name in ((self.teacher, "teacher ODE"), (self.exact, "exact ODE")):
             if solvers:
@@ -214,8 +225,7 @@ class Comparison:
         parts = [f"# {self.title}", "", f"{self.metric} by sampling steps (NFE), {self.samples} samples; {self.spread()}",
                  ""]
         parts += _markdown_table(self.quality_rows())
-        if self.floor:
-            parts += ["", self.floor_line()]
+        parts += [part for line in (self.published_line(), self.floor_line()) if line for part in ("", line)]
         parts += ["", "Speed-up at equal quality (within 10% of the teacher's best)", ""]
         parts += _markdown_table(self.speedup_rows())
         if self.exact and self.teacher is not self.exact:
@@ -431,7 +441,9 @@ def compare_study(uri: str, parent_run_id: str, metric: str | None = None) -> Co
     experiment = client.get_experiment(parent.info.experiment_id).name
     title = f"study {parent.info.run_name} (MLflow experiment {experiment}, run {parent_run_id})"
     comparison = Comparison(title, metric, parent.data.tags.get("eval_samples", "?"), uri, parent_run_id, curves,
-                            teacher or exact, exact, floor=_floor(client, parent, metric, sets))
+                            teacher or exact, exact, floor=_floor(client, parent, metric, sets),
+                            published=json.loads(parent.data.tags["published"]) if parent.data.tags.get("published")
+                            else None)
     failed = [f for f in (parent.data.tags.get("failed_members") or "").split(",") if f]
     for label in failed:
         run = next((r for r in kids if r.data.tags.get("study_member") == label), None)

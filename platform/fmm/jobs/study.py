@@ -46,7 +46,7 @@ from fmm.experiment.schema import ExperimentConfig
 from fmm.experiment.study_schema import EvaluationSpec, Member, StudyConfig, StudyPlan, member_sweep, plan_study
 from fmm.experiment.teachers import fetch_checkpoint, load_trained
 from fmm.flowmap import ModelVelocity
-from fmm.groundtruth import ExactVelocity, make_target
+from fmm.groundtruth import ExactVelocity
 from fmm.infra import models, storage, tracking
 from fmm.infra.records import RUN_RECORD, STUDY_RECORD, SWEEP_RECORD, claim, open_record, read_record
 from fmm.infra.tracking import RunLogger
@@ -152,7 +152,7 @@ def score_teacher(exp: dict[str, Any], uri: str, spec: EvaluationSpec, shape: tu
     model.to(device)
     protocol = protocol or study_protocol(ExperimentConfig(**exp), spec, shape, lambda *_: None, device)
     report = run_sets(None, ModelVelocity(model), protocol, [], spec.teacher_max_nfe, log=lambda *_: None,
-                      progress=False)
+                      progress=False, teacher_tolerances=spec.teacher_tolerances)
     log_report(report, uri, run_id, model=model)
     return report
 
@@ -170,8 +170,9 @@ def score_reference(exp: dict[str, Any], uri: str, spec: EvaluationSpec, shape: 
         model = load_flow_map(fetch_checkpoint(checkpoint, uri)).to(device)
         velocity, prefix = ModelVelocity(model), "teacher"
     else:
-        velocity, prefix = ExactVelocity(make_target(config.data.target), build_interpolant(config)), "exact"
-    report = run_sets(None, velocity, protocol, [], spec.teacher_max_nfe, log=lambda *_: None, progress=False)
+        velocity, prefix = ExactVelocity(config.data.make_target(), build_interpolant(config)), "exact"
+    report = run_sets(None, velocity, protocol, [], spec.teacher_max_nfe, log=lambda *_: None, progress=False,
+                      teacher_tolerances=spec.teacher_tolerances)
     logger = RunLogger(uri, run_id)
     log_rows(logger, report.rows, prefix)
     if checkpoint is None:
@@ -253,9 +254,11 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
     if not exists:
         concurrency()  # a member no node can hold is refused before anything is recorded
     record = open_record(study_dir, STUDY_RECORD, **where, tracking_uri=uri, experiment=study.tracking.experiment,
-                         config=study.model_dump(), params=tracking.flatten({"study": study.model_dump()}),
+                         config=study.model_dump(),
+                         params=tracking.flatten({"study": study.model_dump(exclude={"published"})}),
                          tags={"kind": "study", "study": study.name, "ray_storage": study_dir, "eval_metric": "",
-                               "methods": ",".join(study.methods)})
+                               "methods": ",".join(study.methods),
+                               **({"published": study.published.model_dump_json()} if study.published else {})})
     uri, parent = record.tracking_uri, record.mlflow_run_id
     members: dict[str, str] = record.state.setdefault("members", {})  # label -> MLflow run id, once trained
     member_runs: dict[str, str] = record.state.setdefault("member_runs", {})  # label -> run holding its seeds

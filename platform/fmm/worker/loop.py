@@ -161,7 +161,8 @@ def reseed(exp: ExperimentConfig, state: State, rank: int, world: int) -> DataSo
     """Each worker draws its own noise and batches; after a restart or a rollback the streams move on."""
     offset = exp.train.seed + 1000 * rank + state.step + 7919 * state.rollbacks
     torch.manual_seed(offset)
-    return DataSource(exp.data.target, exp.data.path, rank, world, seed=offset + 1, buffer_rows=exp.data.buffer_rows)
+    return DataSource(exp.data.target, exp.data.path, rank, world, seed=offset + 1, buffer_rows=exp.data.buffer_rows,
+                      target_options=exp.data.target_options)
 
 
 def roll_back(state: State, last_good: bytes, exp: ExperimentConfig, logs: dict[str, Any], logger) -> None:
