@@ -155,3 +155,17 @@ def test_the_papers_numbers_are_printed_beside_the_studys():
     assert "| lsd (paper) | published | - | 0.086 | 0.077 |" in comparison.markdown()
     comparison.metric = "sw2"  # another metric: the paper's numbers are not shown against it
     assert "(paper)" not in comparison.render()
+
+
+def test_a_study_whose_scores_are_all_infinite_still_draws_its_figures():
+    """An untrained map leaves bins empty at every step count: the KL is infinite, the figures have no point
+    for it and fall back to a linear axis instead of failing the study."""
+    from fmm.evaluation.figures import close, quality_figure
+    from fmm.evaluation.protocol import Report, Row
+
+    inf = float("inf")
+    comparison = Comparison("study", "histogram_kl", "64000", "sqlite://", "run",
+                            [Curve("lsd", "run", {1: [[inf, inf]], 2: [[inf, inf]]}, {})], {}, floor=[0.067, 0.068])
+    close(comparison.figure())
+    report = Report("histogram_kl", 64000, [Row("flow_map", n, n, 1e-6, {"histogram_kl": inf}) for n in (1, 2)], {})
+    close(quality_figure(report))

@@ -58,11 +58,13 @@ def quality_figure(report: Report):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in sorted({r.method for r in report.rows}, key=lambda m: (m != "flow_map", m)):
-        pts = sorted((r.nfe, r.scores[report.primary]) for r in report.rows if r.method == method and r.nfe > 0)
+        pts = sorted((r.nfe, r.scores[report.primary]) for r in report.rows if r.method == method and r.nfe > 0
+                     and math.isfinite(r.scores[report.primary]))  # an infinite KL (empty bins) has no point
         if pts:
             ax.plot(*zip(*pts), marker="o", lw=2.5 if method == "flow_map" else 1, label=method)
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    if any(len(line.get_ydata()) and min(line.get_ydata()) > 0 for line in ax.get_lines()):
+        ax.set_yscale("log")
     ax.set_xlabel("NFE (sampling steps)")
     ax.set_ylabel(report.primary)
     ax.set_title(f"{report.primary} vs steps, {report.samples} samples")

@@ -262,11 +262,11 @@ class Comparison:
         fig, axes = plt.subplots(1, 2 if best else 1, figsize=(12 if best else 7, 4.5), squeeze=False)
         ax = axes[0][0]
         for c in self.methods:
-            ns = sorted(c.cells)
+            ns = [n for n in sorted(c.cells) if math.isfinite(c.estimate(n).mean)]  # no point for an infinite KL
             if ns:
                 ests = [c.estimate(n) for n in ns]
                 line, = ax.plot(ns, [e.mean for e in ests], marker="o", lw=1.8, label=c.label)
-                if all(e.has_interval for e in ests):
+                if all(e.has_interval and math.isfinite(e.high) for e in ests):
                     ax.fill_between(ns, [max(e.low, 1e-12) for e in ests], [e.high for e in ests],
                                     color=line.get_color(), alpha=0.12, lw=0)
         xs = sorted({n for s in self.teacher.values() for n in s.cells} | set(self.steps))
@@ -281,7 +281,8 @@ class Comparison:
             ax.axhline(sum(self.floor) / len(self.floor), color="gray", lw=0.8, alpha=0.6,
                        label="floor (exact samples)")
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        if any(len(line.get_ydata()) and min(line.get_ydata()) > 0 for line in ax.get_lines()):
+            ax.set_yscale("log")
         ax.set_xlabel("NFE (sampling steps)")
         ax.set_ylabel(self.metric + (" (bands: 95% intervals)" if best else ""))
         ax.set_title(self.title, fontsize=9)
@@ -291,7 +292,7 @@ class Comparison:
             reference = self.teacher[solver].cells[nfe]
             ax = axes[0][1]
             for i, c in enumerate(self.methods):
-                ns = sorted(c.cells)
+                ns = [n for n in sorted(c.cells) if math.isfinite(c.estimate(n).mean)]
                 diffs = [difference(c.cells[n], reference) for n in ns]
                 shift = 2 ** ((i - len(self.methods) / 2) * 0.03)  # side by side at each step count
                 ax.errorbar([n * shift for n in ns], [d.mean for d in diffs],

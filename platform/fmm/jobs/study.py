@@ -203,7 +203,10 @@ class Evaluation:
         fn, experiment, kwargs): yields (key, report) as each finishes, one after another in the driver,
         or as Ray tasks side by side."""
         if self.spec.resources is None:
-            for key, fn, exp, kwargs in jobs:
+            for i, (key, fn, exp, kwargs) in enumerate(jobs):
+                what = {"teacher": "the teacher's ODE solvers", "exact": "the exact velocity's ODE solvers"}.get(
+                    key, f"{key[0]}" + (f" seed {key[1]}" if isinstance(key, tuple) and key[1] is not None else ""))
+                self.log(f"[fmm] evaluating {what} ({i + 1} of {len(jobs)}, {self.spec.sets} set(s)) ...")
                 yield key, fn(exp.model_dump(), self.uri, self.spec, self.shape, self.protocol(exp), **kwargs)
             return
         tasks = {fn: ray.remote(**ray_options(self.spec.resources))(fn) for _, fn, _, _ in jobs}
