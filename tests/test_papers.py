@@ -169,3 +169,22 @@ def test_a_study_whose_scores_are_all_infinite_still_draws_its_figures():
     close(comparison.figure())
     report = Report("histogram_kl", 64000, [Row("flow_map", n, n, 1e-6, {"histogram_kl": inf}) for n in (1, 2)], {})
     close(quality_figure(report))
+
+
+def test_an_infinite_score_reads_back_from_mlflow_as_infinite(tmp_path):
+    """MLflow keeps inf as the largest double; `fmm compare` reads it back as inf, so a set's empty bins make
+    the mean infinite instead of 6e307, and solvers with no finite run are said to have none."""
+    from fmm.infra import tracking
+    from fmm.jobs.compare import _per_set
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = tracking.start_run(uri, tracking.ensure_experiment(uri, "inf"), "inf", {}, {})
+    client = tracking.client(uri)
+    for j, value in enumerate((float("inf"), 0.3, 0.31)):
+        client.log_metric(run_id, f"histogram_kl/set{j}", value, step=1)
+    cells = _per_set(client, run_id, "histogram_kl", 3)
+    assert cells[1][0] == float("inf") and cells[1][1:] == [0.3, 0.31]
+    curve = Curve("lsd", run_id, {1: [cells[1]]}, {})
+    assert curve.estimate(1).mean == float("inf")
+    comparison = Comparison("s", "histogram_kl", "64000", uri, None, [curve], {"euler": curve})
+    assert "teacher ODE: no finite histogram_kl at any NFE run" in comparison.render()

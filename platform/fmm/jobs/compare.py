@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -187,6 +188,8 @@ class Comparison:
     def reference_line(self, solvers: dict[str, Curve], name: str) -> str:
         """The solvers' best score, and from which NFE each fixed-step solver stays within 10% of it."""
         best = min((r for s, c in solvers.items() for r in c.rows(s)), key=lambda r: r.scores["score"])
+        if not math.isfinite(best.scores["score"]):
+            return f"{name}: no finite {self.metric} at any NFE run (every run left a bin empty or diverged)"
         threshold = best.scores["score"] + 0.1 * abs(best.scores["score"])
         hits = {s: first_within(c.rows(s), "score", best) for s, c in solvers.items() if s in FIXED_STEP}
         def said(solver: str, hit: dict) -> str:
@@ -350,7 +353,10 @@ def _markdown_table(rows: list[list[str]]) -> list[str]:
 # -- reading MLflow ------------------------------------------------------------------------------
 
 def _history(client, run_id: str, key: str) -> dict[int, float]:
-    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+    """step -> value; MLflow stores an infinite score (a KL with empty bins) as the largest double: read back
+    as infinite, so that a mean over sets holding one is infinite, not 6e307."""
+    return {m.step: math.inf if m.value >= sys.float_info.max else m.value
+            for m in client.get_metric_history(run_id, key)}
 
 
 def _per_set(client, run_id: str, key: str, sets: int) -> dict[int, list[float]]:
