@@ -54,6 +54,12 @@ def close(fig) -> None:
     pyplot().close(fig)
 
 
+def log_scale_if_positive(ax) -> None:
+    """A log y axis when some line has positive values; linear otherwise (every score infinite, left out)."""
+    if any(len(line.get_ydata()) and min(line.get_ydata()) > 0 for line in ax.get_lines()):
+        ax.set_yscale("log")
+
+
 def quality_figure(report: Report):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -63,8 +69,7 @@ def quality_figure(report: Report):
         if pts:
             ax.plot(*zip(*pts), marker="o", lw=2.5 if method == "flow_map" else 1, label=method)
     ax.set_xscale("log", base=2)
-    if any(len(line.get_ydata()) and min(line.get_ydata()) > 0 for line in ax.get_lines()):
-        ax.set_yscale("log")
+    log_scale_if_positive(ax)
     ax.set_xlabel("NFE (sampling steps)")
     ax.set_ylabel(report.primary)
     ax.set_title(f"{report.primary} vs steps, {report.samples} samples")

@@ -111,9 +111,8 @@ class Scorer:
             if log_density is not None and shape == (2,) and "histogram_kl" not in wanted:
                 wanted.append("histogram_kl")
         if "histogram_kl" in wanted and (log_density is None or shape != (2,)):
-            raise ValueError("histogram_kl is the KL of a 50 x 50 histogram against a known density on a 2-D board, "
-                             "defined for a 2-D box target such as data.target: checkerboard; this data is not one. "
-                             "Choose another metric (sw2, energy, mmd, w2_exact).")
+            raise ValueError(f"{metrics.HISTOGRAM_KL_DOMAIN}; this data is not one. Choose another metric "
+                             f"(sw2, energy, mmd, w2_exact).")
         self.wanted, self.reference, self.reference_map = wanted, reference, reference_map
         self.log_density, self.extent = log_density, extent
         self.primary = wanted[0]

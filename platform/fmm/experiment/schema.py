@@ -65,8 +65,9 @@ class DataConfig(StrictModel):
 class InterpolantConfig(StrictModel):
     schedule: str = "linear"
     params: dict[str, float] = {}
-    # The base's standard deviation; `data`: a toy target's, in closed form, as the self-distillation paper scales its Gaussian base (2505.18825 App. G). Resolved
-    # to the number when the experiment is read, so a run's config records the value it trained with.
+    # The base's standard deviation; `data`: a toy target's, in closed form, as the self-distillation paper
+    # scales its Gaussian base (2505.18825 App. G). Resolved to the number when the experiment is read, so a
+    # run's config records the value it trained with.
     sigma0: Annotated[float, Field(gt=0)] | Literal["data"] = 1.0
     latent_noise: float = Field(0.0, ge=0)
 

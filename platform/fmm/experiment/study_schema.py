@@ -49,7 +49,7 @@ from fmm.experiment.sweep_schema import (Distribution, MetricSpec, SchedulerSett
                                          check_sweep)
 from fmm.groundtruth import BoxMixture
 from fmm.infra import storage
-from fmm.metrics import IMAGE_METRICS, VECTOR_METRICS
+from fmm.metrics import HISTOGRAM_KL_DOMAIN, IMAGE_METRICS, VECTOR_METRICS
 from fmm.objectives import OBJECTIVES
 
 NAME = r"^[A-Za-z0-9_.\-]+$"
@@ -207,9 +207,8 @@ def check_histogram_kl(exp: ExperimentConfig, where: str) -> None:
         if isinstance(target, BoxMixture) and target.dim == 2:
             return
         what += f" ({target.dim}-D {'box mixture' if isinstance(target, BoxMixture) else 'Gaussian mixture'})"
-    raise ValueError(f"{where}: histogram_kl is the KL of a 50 x 50 histogram against a known density on a 2-D "
-                     f"board, defined for a 2-D box target such as data.target: checkerboard; {what} is not one. "
-                     f"Choose another metric (sw2, energy, mmd, w2_exact).")
+    raise ValueError(f"{where}: {HISTOGRAM_KL_DOMAIN}; {what} is not one. Choose another metric (sw2, energy, mmd, "
+                     f"w2_exact).")
 
 
 def merged(base: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import matplotlib
 import matplotlib.pyplot as plt
 
+from fmm.evaluation.figures import log_scale_if_positive
 from fmm.evaluation.intervals import Estimate, difference, estimate, rank
 from fmm.evaluation.protocol import Row, first_within, speedup
 from fmm.experiment.study_schema import load_study
@@ -119,7 +120,7 @@ class Comparison:
         rows = [header]
         ranks = self.ranks()
         marks = {"best": " *", "tie": " ~"}
-        published = self.published["scores"] if self.published and self.published["metric"] == self.metric else {}
+        published = self.paper_scores
         for c in self.methods:
             cells = []
             for n in self.steps:
@@ -139,8 +140,13 @@ class Comparison:
                             + [e.text() if e else "-" for e in ests])
         return rows
 
+    @property
+    def paper_scores(self) -> dict:
+        """The published scores by method, when they are in the metric shown (else none)."""
+        return self.published["scores"] if self.published and self.published["metric"] == self.metric else {}
+
     def published_line(self) -> str:
-        if not (self.published and self.published["metric"] == self.metric):
+        if not self.paper_scores:
             return ""
         return f"(paper): as published in {self.published['source']}, at the paper's budget"
 
@@ -284,8 +290,7 @@ class Comparison:
             ax.axhline(sum(self.floor) / len(self.floor), color="gray", lw=0.8, alpha=0.6,
                        label="floor (exact samples)")
         ax.set_xscale("log", base=2)
-        if any(len(line.get_ydata()) and min(line.get_ydata()) > 0 for line in ax.get_lines()):
-            ax.set_yscale("log")
+        log_scale_if_positive(ax)
         ax.set_xlabel("NFE (sampling steps)")
         ax.set_ylabel(self.metric + (" (bands: 95% intervals)" if best else ""))
         ax.set_title(self.title, fontsize=9)
