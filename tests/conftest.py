@@ -82,19 +82,33 @@ def gpu_node(ray_cluster):
 
 @pytest.fixture
 def refusing_s3():
-    """A second S3 server that refuses every credential (moto with authentication enforced)."""
-    port = free_port()
+    """A second S3 server that refuses every credential (moto with authentication enforced). It runs in its
+    own process (moto reads the setting when it is imported). The port is picked free and then bound by the
+    child, so another process may take it in between: the server counts as up only when moto's own API answers
+    from that port while the child lives, and a child that could not bind is replaced on a new port."""
+    import urllib.request
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_S3"))}
     env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
+    for _ in range(5):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1) as answer:
+                    if answer.status == 200 and proc.poll() is None:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            proc.kill()
+            proc.wait(10)
+            continue
+        break
+    else:
+        pytest.fail("moto's S3 server did not start on any of 5 ports")
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
