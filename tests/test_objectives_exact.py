@@ -132,3 +132,41 @@ def test_pfmm_round_zero_teacher_is_one_euler_step_of_the_velocity():
     r1 = objective.terms(model, x1, teacher, step=10)["offdiagonal"]
     assert r1.residual.abs().max() < 1e-10
     assert int(objective.round) == 1 and (r1.t - r1.s).max() <= 0.5 + 1e-12
+
+
+def trajectory_residual(steps, wrong=False, endpoint_fraction=0.0):
+    spec = {"name": "trajectory", "trajectories": 256, "solver": "rk4", "solver_steps": steps,
+            "endpoint_fraction": endpoint_fraction}
+    return terms_at(wrong, Interpolant("linear", sigma0=0.8), spec)["offdiagonal"]
+
+
+def test_trajectory_regression_residual_at_the_exact_map_is_the_solvers_error():
+    """Its targets are RK4 solutions of the exact velocity: at the exact map the residual is RK4's global
+    error, fourth order (doubling the steps divides it by about 16), and a wrong map moves it off."""
+    coarse, fine = (trajectory_residual(k).residual.abs().max().item() for k in (8, 16))
+    assert fine < 1e-5 and 10 < coarse / fine < 25, (coarse, fine)
+    assert trajectory_residual(16, wrong=True).residual.abs().max().item() > 1e-2
+    ends = trajectory_residual(16, endpoint_fraction=0.5)
+    half = ends.s.shape[0] // 2
+    assert bool((ends.s[:half] == 0).all() and (ends.t[:half] == 1).all())
+    assert bool((ends.s < ends.t).all())  # every pair off the diagonal
+
+
+def test_trajectory_regression_ends_a_singular_teacher_with_an_euler_step():
+    """The checkerboard's velocity is singular at t = 1: the teacher's solutions end with one Euler step
+    and land on the board, so no t_max is needed unless the diagonal term samples times up to 1."""
+    from fmm.evaluation.protocol import box_log_density
+    from fmm.groundtruth import BoxMixture
+
+    interp = Interpolant("linear", sigma0=0.6)
+    board = BoxMixture.checkerboard()
+    teacher = ExactVelocity(board, interp)
+    objective = make_objective({"name": "trajectory", "trajectories": 500, "solver_steps": 16}, interp)
+    model = GaussianFlowMap(GaussianTarget(torch.zeros(2, dtype=F64), torch.eye(2, dtype=F64)), interp)
+    objective.prepare(model, teacher)
+    assert objective.path is None  # configuration checks call prepare(): the solve waits for the first step
+    objective.terms(model, board.sample(8, torch.Generator().manual_seed(0)), teacher)
+    ends = objective.path[-1].double()
+    assert torch.isfinite(box_log_density(board)(ends)).double().mean() > 0.97
+    with pytest.raises(ValueError, match="singular beyond t"):
+        make_objective({"name": "trajectory", "diagonal_fraction": 0.25}, interp).prepare(model, teacher)

@@ -11,7 +11,7 @@ from fmm.nets import TwoTimeMLP
 from fmm.objectives import OBJECTIVES, TimeSampling, describe, make_objective
 from fmm.experiment.teachers import make_teacher
 
-EXPECTED = {"flow_matching", "lmd", "emd", "pfmm", "two_map", "eulerian_direct", "lsd", "esd", "psd",
+EXPECTED = {"flow_matching", "lmd", "emd", "trajectory", "pfmm", "two_map", "eulerian_direct", "lsd", "esd", "psd",
             "cd", "ct", "ict", "scd", "sct", "ayf_emd", "ctm", "pd", "shortcut", "meanflow"}
 
 
@@ -19,7 +19,7 @@ def test_every_objective_is_registered_with_paper_and_equation():
     assert set(OBJECTIVES) == EXPECTED
     for row in describe():
         assert row["paper"] and row["equation"] and row["teacher"] in ("yes", "no")
-    assert {r["name"] for r in describe() if r["teacher"] == "yes"} == {"lmd", "emd", "pfmm", "cd", "scd",
+    assert {r["name"] for r in describe() if r["teacher"] == "yes"} == {"lmd", "emd", "trajectory", "pfmm", "cd", "scd",
                                                                             "ayf_emd", "ctm", "pd"}
 
 

@@ -272,7 +272,7 @@ def run_study(study: StudyConfig, *, resume: bool = False, address: str | None =
     seeds = f", seeds {study.seeds}" if study.seeds and len(study.seeds) > 1 else ""
     log(f"[fmm] study {study.name}: teacher "
         f"{'trained first' if plan.teacher else (study.teacher.checkpoint or 'exact ' + str(study.teacher.exact))}, "
-        f"{len(plan.methods)} methods{seeds}, {study.evaluation.sets} evaluation set(s); storage {study_dir}; "
+        f"{len(plan.methods)} method(s){seeds}, {study.evaluation.sets} evaluation set(s); storage {study_dir}; "
         f"MLflow parent run {parent} at {uri}")
     failures: dict[str, str] = {}
 

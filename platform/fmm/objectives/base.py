@@ -237,9 +237,13 @@ class Objective(nn.Module):
             raise ValueError(f"objective '{self.name}': the teacher works on samples of shape {list(teacher_shape)} "
                              f"but the model on {list(model.sample_shape)}.")
         t_max = getattr(teacher, "t_max", None)
-        if t_max is not None and self.options.time_sampling.t_max > t_max:
+        if t_max is not None and self.teacher_time_max() > t_max:
             raise ValueError(f"objective '{self.name}': the teacher is singular beyond t = {t_max}; set "
                              f"time_sampling.t_max <= {t_max} (it is {self.options.time_sampling.t_max}).")
+
+    def teacher_time_max(self) -> float:
+        """The latest time at which the loss evaluates the teacher (checked against a singular end)."""
+        return self.options.time_sampling.t_max
 
     def learns_velocity(self) -> bool:
         """Whether training makes the diagonal v_{t,t} a velocity (whose ODE the evaluation may solve as the
