@@ -21,6 +21,7 @@ from fmm.groundtruth import ExactVelocity
 from fmm.objectives.base import (FrozenTeacherRounds, JVPOptions, Objective, ObjectiveOptions, Term,
                                  eulerian_residual, lagrangian_residual)
 from fmm.objectives.registry import register
+from fmm.sampling import solve_ode
 
 
 class LMDOptions(JVPOptions):
@@ -156,8 +157,6 @@ def teacher_trajectories(teacher: VelocityField, sigma0: float, shape: tuple[int
                          options: TrajectoryOptions, chunk: int = 10_000) -> Tensor:
     """The teacher's fixed-step ODE solutions from `options.trajectories` noise draws, at every time of
     `times` (a grid on [0, 1]): [len(times), trajectories, *shape], float32 on the CPU."""
-    from fmm.sampling import solve_ode
-
     exact = isinstance(teacher, ExactVelocity)
     param = next(iter(teacher.model.parameters()), None) if hasattr(teacher, "model") else None
     device = param.device if param is not None else torch.device("cpu")
