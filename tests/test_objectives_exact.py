@@ -152,6 +152,27 @@ def test_trajectory_regression_residual_at_the_exact_map_is_the_solvers_error():
     assert bool((ends.s < ends.t).all())  # every pair off the diagonal
 
 
+def test_pseudo_huber_distance_is_icts_and_trajectory_regression_can_use_it():
+    """sqrt(|r|^2 + c^2) - c over the whole sample (iCT 2310.14189 §3.3), c = 0.00054 sqrt(D) by default
+    (iCT's own objective keeps it); trajectory regression's residuals take it when asked, the square
+    otherwise."""
+    from fmm.objectives.base import Term, per_sample_distance
+
+    r = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1e-6, 0.0]], dtype=F64)
+    assert torch.allclose(per_sample_distance(r, "pseudo_huber", 1.0), torch.tensor([26**0.5 - 1, 0, 0], dtype=F64))
+    c = 0.00054 * 2**0.5
+    assert per_sample_distance(r, "pseudo_huber")[0].item() == pytest.approx((25 + c * c) ** 0.5 - c)
+    assert torch.allclose(per_sample_distance(r, "l2"), torch.tensor([12.5, 0, 5e-13], dtype=F64))
+    term = trajectory_residual(16, wrong=True)
+    for spec, expected in (({}, term.residual.pow(2).mean(1)),
+                           ({"distance": "pseudo_huber", "huber_c": 0.01},
+                            (term.residual.pow(2).sum(1) + 1e-4).sqrt() - 0.01)):
+        objective = make_objective({"name": "trajectory", **spec}, Interpolant("linear", sigma0=0.8))
+        assert torch.allclose(objective.per_sample_loss(term), expected)
+    ict = make_objective({"name": "ict"}, Interpolant("linear"))
+    assert torch.allclose(ict.per_sample_loss(Term(r, r[:, 0], r[:, 0])), per_sample_distance(r, "pseudo_huber"))
+
+
 def test_trajectory_regression_ends_a_singular_teacher_with_an_euler_step():
     """The checkerboard's velocity is singular at t = 1: the teacher's solutions end with one Euler step
     and land on the board, so no t_max is needed unless the diagonal term samples times up to 1."""

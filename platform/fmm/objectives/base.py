@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -112,6 +113,17 @@ class SharedRandomness:
 
 def per_sample_mse(residual: Tensor) -> Tensor:
     return residual.pow(2).flatten(1).mean(1)
+
+
+def per_sample_distance(residual: Tensor, distance: str, huber_c: float | None = None) -> Tensor:
+    """The mean square (`l2`), or iCT's pseudo-Huber distance sqrt(|r|^2 + c^2) - c (Song & Dhariwal
+    2023, 2310.14189 §3.3; c = 0.00054 sqrt(D) unless given), which grows linearly in large residuals
+    and so lets a few hard samples weigh less than under the square."""
+    if distance == "l2":
+        return per_sample_mse(residual)
+    r = residual.flatten(1)
+    c = huber_c if huber_c is not None else 0.00054 * math.sqrt(r.shape[1])
+    return torch.sqrt(r.pow(2).sum(1) + c * c) - c
 
 
 def lagrangian_residual(model: TwoTimeMap, s: Tensor, t: Tensor, x: Tensor, target_velocity,

@@ -23,7 +23,8 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from fmm.interpolants import Interpolant
-from fmm.objectives.base import Objective, ObjectiveOptions, SharedRandomness, TargetNetwork, Term
+from fmm.objectives.base import (Objective, ObjectiveOptions, SharedRandomness, TargetNetwork, Term,
+                                 per_sample_distance)
 from fmm.objectives.registry import register
 from fmm.objectives.times import TimeSampling
 from fmm.tensor_checks import expand_like
@@ -104,11 +105,7 @@ class GridObjective(Objective):
             self.target.update(model, step, self.decay(step))
 
     def per_sample_loss(self, term: Term) -> Tensor:
-        if self.options.distance == "l2":
-            return super().per_sample_loss(term)
-        r = term.residual.flatten(1)
-        c = self.options.huber_c if self.options.huber_c is not None else 0.00054 * math.sqrt(r.shape[1])
-        return torch.sqrt(r.pow(2).sum(1) + c * c) - c
+        return per_sample_distance(term.residual, self.options.distance, self.options.huber_c)
 
     def heun_step(self, teacher, s: Tensor, u: Tensor, x: Tensor) -> Tensor:
         h = expand_like(u - s, x)

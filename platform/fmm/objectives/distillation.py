@@ -19,7 +19,7 @@ from torch import Tensor
 from fmm.flowmap import VelocityField
 from fmm.groundtruth import ExactVelocity
 from fmm.objectives.base import (FrozenTeacherRounds, JVPOptions, Objective, ObjectiveOptions, Term,
-                                 eulerian_residual, lagrangian_residual)
+                                 eulerian_residual, lagrangian_residual, per_sample_distance)
 from fmm.objectives.registry import register
 from fmm.sampling import solve_ode
 
@@ -97,6 +97,8 @@ class TrajectoryOptions(ObjectiveOptions):
     solver_steps: int = Field(32, ge=1)               # a uniform grid of solver_steps + 1 times on [0, 1]
     endpoint_fraction: float = Field(0.0, ge=0.0, le=1.0)  # share of off-diagonal pairs at (0, 1): the one-step map
     seed: int = 0                                     # of the trajectories' noise (the same on every worker)
+    distance: Literal["l2", "pseudo_huber"] = "l2"    # of the regression (pseudo-Huber: iCT 2310.14189 §3.3)
+    huber_c: float | None = Field(None, gt=0.0)       # pseudo-Huber's c; None: 0.00054 sqrt(D), iCT's
 
 
 @register
@@ -112,6 +114,7 @@ class Trajectory(Objective):
     the targets. The first step solves the ODE once (`trajectories` x solver_steps steps of `solver`, the
     last step Euler when the teacher is singular at t = 1, float64 for an exact teacher) and keeps every
     grid point: trajectories x (solver_steps + 1) samples in memory, which suits low-dimensional data.
+    `distance: pseudo_huber` regresses with iCT's pseudo-Huber distance instead of the square.
     """
 
     name = "trajectory"
@@ -150,6 +153,9 @@ class Trajectory(Objective):
         s, t = times[i], times[j]
         x_s, target = self.path[i, which].to(x1.dtype), self.path[j, which].to(x1.dtype)
         return Term(model(s, t, x_s) - target, s, t)
+
+    def per_sample_loss(self, term: Term) -> Tensor:
+        return per_sample_distance(term.residual, self.options.distance, self.options.huber_c)
 
 
 @torch.no_grad()
