@@ -3,6 +3,7 @@ against exact draws, coverage in a crossed seeds x sets design, resolution of la
 differences, and the speed-up saying "not resolved" when an interval straddles the 10% bar."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -104,3 +105,12 @@ def test_the_speed_up_is_resolved_when_the_data_can_tell_and_not_when_the_bar_is
     # One set each: no intervals, the point values decide, as the one-set protocol always did.
     point = speedup([Row("flow_map", 2, 2, 1e-4, {"sw2": 0.105}), Row("euler", 8, 8, 1e-3, {"sw2": 0.1})], "sw2")
     assert point["summary"]["resolved"] and point["summary"]["nfe_ratio"] == 4.0
+
+
+def test_an_infinite_score_has_an_infinite_mean_and_no_interval_without_a_warning():
+    """An empty histogram bin scores inf: the estimate says so (mean inf, interval NaN), without numpy's
+    'invalid value' warning from the variance of infinities."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        e = estimate([[0.3, float("inf"), 0.31]])
+    assert e.mean == float("inf") and math.isnan(e.low) and math.isnan(e.high)

@@ -118,6 +118,8 @@ def combine(terms: Iterable[tuple[float, Sequence]], level: float = LEVEL) -> Es
         raise ValueError(f"paired scores need the same evaluation sets; got {[x.shape[1] for _, x in terms]} sets")
     mean = sum(w * float(x.mean()) for w, x in terms)
     n = max(x.size for _, x in terms)
+    if not math.isfinite(mean):   # an infinite or NaN score has no interval (and no variance to compute)
+        return Estimate(mean, math.nan, math.nan, n)
     parts: list[tuple[float, float]] = []   # (variance part, its degrees of freedom)
     if m >= 2:
         columns = sum(w * x.mean(0) for w, x in terms)
@@ -125,7 +127,7 @@ def combine(terms: Iterable[tuple[float, Sequence]], level: float = LEVEL) -> Es
     for w, x in terms:
         if x.shape[0] >= 2:
             parts.append((w * w * _seed_variance(x) / x.shape[0], x.shape[0] - 1))
-    if not parts or not math.isfinite(mean):
+    if not parts:
         return Estimate(mean, math.nan, math.nan, n)
     var = sum(v for v, _ in parts)
     if var == 0.0:
