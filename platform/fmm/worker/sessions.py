@@ -37,7 +37,7 @@ class Session(Protocol):
     node: str | None   # the node's label in system metrics (`system/<node>/...`) when a run spans nodes
 
     def latest_checkpoint(self) -> Any | None:
-        """The latest checkpoint this run reported (with `.path` and `.as_directory()`), or None."""
+        """The latest checkpoint this run reported (a Ray Checkpoint: `.path` and `.filesystem`), or None."""
 
     def report(self, metrics: dict[str, Any], checkpoint_folder: str | None, name: str) -> None:
         """Called by every worker at the same step: metrics, and rank 0's checkpoint folder to keep as `name`."""

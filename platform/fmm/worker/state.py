@@ -107,7 +107,7 @@ def _local_folder(fs: pafs.FileSystem, path: str) -> Iterator[str]:
 
 def restore_checkpoint(state: State, latest, run_dir: str, log=print) -> tuple[str, str | None] | None:
     """Load the newest intact checkpoint of the run: among `latest` (the session's latest checkpoint, with
-    `.path` and `.as_directory()`, or None) and the run's step_* folders, the newest whose checksum holds.
+    `.path` and `.filesystem`, or None) and the run's step_* folders, the newest whose checksum holds.
     A worker can die after its checkpoint is on storage but before Ray's controller has registered it;
     that checkpoint is complete, and the metrics up to it are in MLflow, so it is the one to continue
     from. A corrupt one is passed over with a warning naming the file. Returns where the state came from
@@ -122,7 +122,12 @@ def restore_checkpoint(state: State, latest, run_dir: str, log=print) -> tuple[s
         return None
     bad: list[str] = []
     for name in sorted(names, reverse=True):
-        opened = latest.as_directory() if name == latest_name else _local_folder(fs, f"{root}/{name}")
+        # Each worker copies a remote checkpoint into a folder of its own: Ray's Checkpoint.as_directory()
+        # shares one temporary folder among the workers of a node, and a second worker's download into it
+        # (or the first one's clean-up) can land while another is still reading (seen as torch.load's
+        # "file read failed" after the checksum had held).
+        opened = (_local_folder(latest.filesystem, latest.path) if name == latest_name
+                  else _local_folder(fs, f"{root}/{name}"))
         with opened as folder:
             try:
                 load_state(state, folder)
