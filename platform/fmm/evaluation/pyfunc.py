@@ -14,7 +14,6 @@ runs this to read a registered model: it reads the checkpoint (fmm.infra.models)
 
 from __future__ import annotations
 
-import warnings
 
 import mlflow
 import numpy as np
@@ -24,10 +23,6 @@ from fmm.checkpoint import load_flow_map
 from fmm.experiment.builders import method_sampler
 
 
-# MLflow suggests type hints on predict for its own validation; the model's signature states the input.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*", category=UserWarning)
-
-
 class FlowMapModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         path = context.artifacts["flow_map"]
@@ -35,7 +30,9 @@ class FlowMapModel(mlflow.pyfunc.PythonModel):
         # the method's own sampler, seeded as `fmm sample` seeds it by default (seed 0): the same samples
         self.sampler = method_sampler(path, None, seed=2)[1]
 
-    def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
+    # np.ndarray is a hint MLflow infers no schema from: the logged signature validates the input (any other
+    # hint, or none, makes MLflow warn at every class definition, past any filter: it resets them)
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         steps = int((params or {}).get("steps", 1))
         if steps < 1:
             raise ValueError(f"params.steps must be a positive integer; got {steps}.")

@@ -56,8 +56,8 @@ def log_flow_map_model(uri: str, run_id: str, checkpoint: str, name: str = "mode
                 "fmm.objective": ((config or {}).get("objective") or {}).get("name", "")}
     requirements = [r for r in map(_requirement, ("fmm", "torch", "mlflow", "numpy")) if r]
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
-        # MLflow suggests type hints and an input example; the signature above says what predict takes
-        warnings.filterwarnings("ignore", message=".*(type hints|input example).*", category=UserWarning)
+        # MLflow suggests an input example; the signature above says what predict takes
+        warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
         local, named = os.path.join(folder, "model"), os.path.join(folder, "flow_map.pt")
         shutil.copyfile(checkpoint, named)
         mlflow.pyfunc.save_model(local, python_model=PYFUNC_CODE, artifacts={"flow_map": named},
