@@ -188,3 +188,17 @@ def test_an_infinite_score_reads_back_from_mlflow_as_infinite(tmp_path):
     assert curve.estimate(1).mean == float("inf")
     comparison = Comparison("s", "histogram_kl", "64000", uri, None, [curve], {"euler": curve})
     assert "teacher ODE: no finite histogram_kl at any NFE run" in comparison.render()
+
+
+def test_the_table_names_the_histogram_kls_own_sample_count(tmp_path):
+    """The histogram KL is scored on its protocol's 64,000 points, whatever evaluation.samples says (the
+    other metrics' count): the table's header says 64,000, not the run's eval_samples."""
+    from fmm.evaluation.protocol import KL_SAMPLES
+    from fmm.infra import tracking
+    from fmm.jobs.compare import _samples
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = tracking.start_run(uri, tracking.ensure_experiment(uri, "n"), "n", {}, {"eval_samples": "4000"})
+    run = tracking.client(uri).get_run(run_id)
+    assert _samples("histogram_kl", run) == "64,000" and KL_SAMPLES == 64_000
+    assert _samples("sw2", run) == "4000"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -37,11 +38,15 @@ def samples_of(uri: str, run_id: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("studies", nargs="+", help="names of runs of the paper study at different budgets")
-    parser.add_argument("--study", default="experiments/papers/lsd_checkerboard.yaml")
+    parser.add_argument("--study", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "lsd_checkerboard.yaml"),
+                        help="the paper study whose published scores and budget to compare with (default: %(default)s)")
     parser.add_argument("--tracking-uri")
     parser.add_argument("--out", default="lsd-checkerboard-trend.png")
     args = parser.parse_args()
-    paper = load_study(args.study)
+    try:
+        paper = load_study(args.study)
+    except ValueError as error:
+        parser.error(str(error))
     published = paper.published
     paper_samples = paper.base["train"]["steps"] * paper.base["train"]["batch_size"]
     uri = tracking.resolve_uri(args.tracking_uri)

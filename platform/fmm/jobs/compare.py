@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt
 
 from fmm.evaluation.figures import log_scale_if_positive
 from fmm.evaluation.intervals import Estimate, difference, estimate, rank
-from fmm.evaluation.protocol import Row, first_within, speedup
+from fmm.evaluation.protocol import KL_SAMPLES, Row, first_within, speedup
 from fmm.experiment.study_schema import load_study
 from fmm.infra import tracking
 from fmm.objectives import OBJECTIVES
@@ -452,7 +452,7 @@ def compare_study(uri: str, parent_run_id: str, metric: str | None = None) -> Co
     exact = _solver_curves(client, parent, "exact", metric, sets)
     experiment = client.get_experiment(parent.info.experiment_id).name
     title = f"study {parent.info.run_name} (MLflow experiment {experiment}, run {parent_run_id})"
-    comparison = Comparison(title, metric, parent.data.tags.get("eval_samples", "?"), uri, parent_run_id, curves,
+    comparison = Comparison(title, metric, _samples(metric, parent), uri, parent_run_id, curves,
                             teacher or exact, exact, floor=_floor(client, parent, metric, sets),
                             published=json.loads(parent.data.tags["published"]) if parent.data.tags.get("published")
                             else None)
@@ -461,6 +461,11 @@ def compare_study(uri: str, parent_run_id: str, metric: str | None = None) -> Co
         run = next((r for r in kids if r.data.tags.get("study_member") == label), None)
         comparison.failures[label] = (run.data.tags.get("failure_reason", "see its run") if run else "no run")
     return comparison
+
+
+def _samples(metric: str, run) -> str:
+    """How many samples each score took: the histogram KL has its own protocol's count."""
+    return f"{KL_SAMPLES:,}" if metric == "histogram_kl" else run.data.tags.get("eval_samples", "?")
 
 
 def compare_experiment(uri: str, experiment_id: str, name: str, metric: str | None = None) -> Comparison:
@@ -477,7 +482,7 @@ def compare_experiment(uri: str, experiment_id: str, name: str, metric: str | No
         sets = int(run.data.tags.get("eval_sets") or 1)
         curves.append(_method_curve(client, run, metric, label, sets))
         own[label] = _solver_curves(client, run, "teacher", metric, sets)
-    return Comparison(f"MLflow experiment {name}", metric, runs[0].data.tags.get("eval_samples", "?"), uri, None,
+    return Comparison(f"MLflow experiment {name}", metric, _samples(metric, runs[0]), uri, None,
                       curves, {}, {}, own)
 
 
