@@ -1,6 +1,6 @@
 """What Ray Train and MLflow add to a training step: `fmm train` against a bare PyTorch loop.
 
-    python experiments/benchmarks/train_overhead.py [--steps 400] [--objective lmd] [--repeat 1]
+    python experiments/benchmarks/train_overhead.py [--steps 400] [--objective lmd] [--repeat 1] [--workers 1 2]
 
 Both run the same objective, model, global batch and worker count:
 - 1 worker: a bare in-process loop with 2 torch threads, against `fmm train` with one worker
@@ -8,12 +8,16 @@ Both run the same objective, model, global batch and worker count:
 - 2 workers: two bare processes (torch.multiprocessing, gloo, 1 thread each, gradients averaged
   by the same all-reduce), against `fmm train` with two workers of 1 CPU.
 A third row runs `fmm train` not live (metrics written at checkpoints only, no system metrics), so
-the cost of live logging is read against the same platform in the same run. Steady-state step time
+the cost of live logging is read against the same platform in the same run; with 1 worker a fourth
+runs fmm's training loop in this process without Ray (the loop, its EMA, live MLflow logging and
+checkpoints, as `fmm train`'s worker runs them), which splits the overhead into the loop's and Ray's
+(its controller and agents share the cores with the worker). Steady-state step time
 is the median over logging windows after the first (fmm train's from its MLflow
 `train/samples_per_s` history); start-up is the wall time not spent in steps. Peak memory
-is the largest resident set of the training process (rank 0). With --repeat N the pairs run N times,
-interleaved, and the summary gives the median overhead: on a shared 2-core machine one pair varies
-by several percent either way.
+is the largest resident set of the training process (rank 0). With --repeat N the rows run N times,
+interleaved, and the summary gives each row's overhead over the bare loop of its own round: the
+median and the mean with its 95% t interval over rounds. On a shared 2-core machine one round varies
+by several percent either way, so a budget of a few percent needs several rounds to be resolved.
 """
 
 from __future__ import annotations
@@ -128,40 +132,71 @@ def run_fmm(exp) -> tuple[float, float, float]:
     return step, wall - step * exp.train.steps, peak if peak is not None else float("nan")
 
 
+def run_in_process(exp) -> tuple[float, float, float]:
+    """fmm's training loop in this process, without Ray: what `fmm train`'s one worker runs."""
+    from mlflow.tracking import MlflowClient
+
+    from fmm.jobs.train import open_run
+    from fmm.worker.loop import run_loop
+    from fmm.worker.sessions import LocalSession
+    from fmm.worker.trainer import loop_config
+
+    start = time.perf_counter()
+    record = open_run(exp)
+    config = loop_config(exp, record)
+    run_loop(config, LocalSession(config["run_dir"]))
+    wall = time.perf_counter() - start
+    client = MlflowClient(record.tracking_uri)
+    rates = [m.value for m in client.get_metric_history(record.mlflow_run_id, "train/samples_per_s")]
+    step = statistics.median(exp.train.batch_size / r for r in rates[1:])
+    peak = client.get_run(record.mlflow_run_id).data.metrics.get("train/peak_rss_mb")
+    return step, wall - step * exp.train.steps, peak if peak is not None else float("nan")
+
+
+def summary(name: str, values: list[float]) -> str:
+    from fmm.evaluation.intervals import estimate
+
+    e = estimate(values)
+    interval = f" [{100 * e.low:+.1f}, {100 * e.high:+.1f}]" if e.has_interval else ""
+    return (f"{name}: median {100 * statistics.median(values):+.1f}%, mean {100 * e.mean:+.1f}%{interval} over "
+            f"{len(values)} rounds ({', '.join(f'{100 * v:+.1f}%' for v in values)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--objective", default="lmd")
-    parser.add_argument("--repeat", type=int, default=1, help="run each pair this many times (default: 1)")
+    parser.add_argument("--repeat", type=int, default=1, help="run each row this many times (default: 1)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], choices=[1, 2],
+                        help="worker counts to measure (default: 1 2)")
     args = parser.parse_args()
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     print(f"objective {args.objective}, MLP 2->256x3, global batch {BASE['train']['batch_size']}, {args.steps} steps")
     print(f"{'workers':8s} {'loop':9s} {'step ms':>8s} {'overhead':>9s} {'start-up s':>11s} {'peak MB':>8s}")
-    overheads: dict[int, list[float]] = {1: [], 2: []}
-    live_cost: dict[int, list[float]] = {1: [], 2: []}
+    rows: dict[tuple[int, str], list[float]] = {}  # (workers, row) -> step time over the bare loop's, - 1
     with tempfile.TemporaryDirectory() as root:
         for repeat in range(args.repeat):
-            for workers, cpus in ((1, 2), (2, 1)):
+            for workers in args.workers:
+                cpus = 2 // workers
                 exp = experiment(f"bench-{workers}-{repeat}", args.objective, args.steps, workers, cpus, root)
                 bare = run_bare(exp)
-                ours = run_fmm(exp)
-                quiet = run_fmm(experiment(f"quiet-{workers}-{repeat}", args.objective, args.steps, workers, cpus,
-                                           root, live=False))
-                overheads[workers].append(ours[0] / bare[0] - 1)
-                live_cost[workers].append(ours[0] / quiet[0] - 1)
-                print(f"{workers:<8d} {'bare':9s} {1000 * bare[0]:8.2f} {'':>9s} {bare[1]:11.1f} {bare[2]:8.0f}")
-                print(f"{workers:<8d} {'fmm train':9s} {1000 * ours[0]:8.2f} {100 * overheads[workers][-1]:8.1f}% "
-                      f"{ours[1]:11.1f} {ours[2]:8.0f}")
-                print(f"{workers:<8d} {'not live':9s} {1000 * quiet[0]:8.2f} {100 * (quiet[0] / bare[0] - 1):8.1f}% "
-                      f"{quiet[1]:11.1f} {quiet[2]:8.0f}")
-    if args.repeat > 1:
-        for workers, values in overheads.items():
-            print(f"{workers} worker(s): median overhead {100 * statistics.median(values):+.1f}% over {len(values)} "
-                  f"pairs ({', '.join(f'{100 * v:+.1f}%' for v in values)}); live logging against not live "
-                  f"{100 * statistics.median(live_cost[workers]):+.1f}% "
-                  f"({', '.join(f'{100 * v:+.1f}%' for v in live_cost[workers])})")
+                print(f"{workers:<8d} {'bare':9s} {1000 * bare[0]:8.2f} {'':>9s} {bare[1]:11.1f} {bare[2]:8.0f}", flush=True)
+                runs = {"fmm train": lambda: run_fmm(exp),
+                        "not live": lambda: run_fmm(experiment(f"quiet-{workers}-{repeat}", args.objective, args.steps,
+                                                               workers, cpus, root, live=False))}
+                if workers == 1:
+                    runs["no Ray"] = lambda: run_in_process(experiment(f"inproc-{repeat}", args.objective, args.steps,
+                                                                       workers, cpus, root))
+                for row, run in runs.items():
+                    ours = run()
+                    rows.setdefault((workers, row), []).append(ours[0] / bare[0] - 1)
+                    print(f"{workers:<8d} {row:9s} {1000 * ours[0]:8.2f} {100 * rows[workers, row][-1]:8.1f}% "
+                          f"{ours[1]:11.1f} {ours[2]:8.0f}", flush=True)
+    print("step time over the same round's bare loop:")
+    for (workers, row), values in rows.items():
+        print("  " + summary(f"{workers} worker(s), {row}", values))
     ray.shutdown()
 
 

@@ -10,7 +10,9 @@ are its train.steps x train.batch_size. The estimate fits, per method and step c
 excess over the floor, KL - floor = a * samples^-b, through the budgets given (least squares in log-log;
 with two budgets, the line through them), and solves for the samples at which the excess equals the
 paper's excess over the same floor. It is an extrapolation over orders of magnitude: read it as a
-scale, not a promise; budgets where the KL is infinite (empty bins) are left out of the fit.
+scale, not a promise; budgets where the KL is infinite (empty bins) are left out of the fit. The figure
+(--out) draws the points with their intervals, the paper's scores at its budget, and each fit out to
+where it meets the paper's score.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 
 import matplotlib
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 import numpy as np
 
 from fmm.experiment.study_schema import load_study
@@ -80,7 +83,10 @@ def main() -> None:
             if len(finite) >= 2 and target is not None and target > floor:
                 slope, intercept = np.polyfit(np.log([r[0] for r in finite]), np.log([r[1] - floor for r in finite]), 1)
                 if slope < 0:
-                    estimate = f"{math.exp((math.log(target - floor) - intercept) / slope):.2g} samples"
+                    meets = math.exp((math.log(target - floor) - intercept) / slope)
+                    estimate = f"{meets:.2g} samples"
+                    line = np.geomspace(finite[0][0], meets, 50)  # the fit, drawn out to where it meets the paper
+                    ax.plot(line, floor + np.exp(intercept) * line ** slope, linestyle="--", linewidth=1, color=colour)
                 else:
                     estimate = "not improving"
             cells = "  ".join(f"{r[1]:8.4f} [{r[2]:.3f}, {r[3]:.3f}]" if math.isfinite(r[1]) else f"{'inf':>24s}"
@@ -89,16 +95,21 @@ def main() -> None:
             if finite:
                 x = [r[0] for r in finite]
                 ax.errorbar(x, [r[1] for r in finite], yerr=[[r[1] - r[2] for r in finite], [r[3] - r[1] for r in finite]],
-                            marker="o", color=colour, label=f"{steps} step{'s' if steps > 1 else ''}", capsize=2)
+                            marker="o", color=colour, capsize=2)
             if target is not None:
                 ax.scatter([paper_samples], [target], marker="*", s=80, color=colour)
-        ax.axhline(floor, color="grey", linestyle=":", label="floor (exact samples)")
+        ax.axhline(floor, color="grey", linestyle=":")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(f"{method} (stars: the paper)")
+        ax.set_title(method)
         ax.set_xlabel("training samples (steps x batch)")
     axes[0][0].set_ylabel(published.metric)
-    axes[0][-1].legend(fontsize=7)
+    colours = plt.cm.viridis(np.linspace(0, 0.9, len(step_counts)))
+    handles = [Line2D([], [], marker="o", color=c, label=f"{n} step{'s' if n > 1 else ''}") for n, c in zip(step_counts, colours)]
+    handles += [Line2D([], [], marker="*", markersize=9, linestyle="", color="black", label="the paper"),
+                Line2D([], [], linestyle="--", color="black", label="power-law fit"),
+                Line2D([], [], linestyle=":", color="grey", label="floor (exact samples)")]
+    axes[0][0].legend(handles=handles, fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"figure: {args.out}")
