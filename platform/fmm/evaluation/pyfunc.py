@@ -14,7 +14,6 @@ runs this to read a registered model: it reads the checkpoint (fmm.infra.models)
 
 from __future__ import annotations
 
-
 import mlflow
 import numpy as np
 import torch
