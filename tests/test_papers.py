@@ -192,13 +192,13 @@ def test_an_infinite_score_reads_back_from_mlflow_as_infinite(tmp_path):
 
 def test_the_table_names_the_histogram_kls_own_sample_count(tmp_path):
     """The histogram KL is scored on its protocol's 64,000 points, whatever evaluation.samples says (the
-    other metrics' count): the table's header says 64,000, not the run's eval_samples."""
-    from fmm.evaluation.protocol import KL_SAMPLES
+    other metrics' count): `fmm compare`'s header says 64000, not the run's eval_samples."""
     from fmm.infra import tracking
-    from fmm.jobs.compare import _samples
+    from fmm.jobs.compare import compare_experiment
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    run_id = tracking.start_run(uri, tracking.ensure_experiment(uri, "n"), "n", {}, {"eval_samples": "4000"})
-    run = tracking.client(uri).get_run(run_id)
-    assert _samples("histogram_kl", run) == "64,000" and KL_SAMPLES == 64_000
-    assert _samples("sw2", run) == "4000"
+    experiment_id = tracking.ensure_experiment(uri, "n")
+    run_id = tracking.start_run(uri, experiment_id, "n", {}, {"eval_samples": "4000", "eval_metric": "histogram_kl"})
+    tracking.client(uri).log_metric(run_id, "histogram_kl_steps001", 0.3, step=1)
+    for metric, header in (("histogram_kl", "64000 samples"), ("sw2", "4000 samples")):
+        assert header in compare_experiment(uri, experiment_id, "n", metric).render()

@@ -117,25 +117,27 @@ def run_bare(exp) -> tuple[float, float, float]:
     return step, wall - step * exp.train.steps, result["peak_mb"]
 
 
-def run_fmm(exp) -> tuple[float, float, float]:
+def from_mlflow(exp, uri: str, run_id: str, wall: float) -> tuple[float, float, float]:
+    """(steady step, start-up, peak MB) of a finished run, from its MLflow `train/samples_per_s` history."""
     from mlflow.tracking import MlflowClient
 
+    client = MlflowClient(uri)
+    rates = [m.value for m in client.get_metric_history(run_id, "train/samples_per_s")]
+    step = statistics.median(exp.train.batch_size / r for r in rates[1:])
+    peak = client.get_run(run_id).data.metrics.get("train/peak_rss_mb")
+    return step, wall - step * exp.train.steps, peak if peak is not None else float("nan")
+
+
+def run_fmm(exp) -> tuple[float, float, float]:
     from fmm.jobs.train import run_training
 
     start = time.perf_counter()
     result = run_training(exp, log=lambda *_: None)
-    wall = time.perf_counter() - start
-    rates = [m.value for m in MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id,
-                                                                                  "train/samples_per_s")]
-    step = statistics.median(exp.train.batch_size / r for r in rates[1:])
-    peak = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id).data.metrics.get("train/peak_rss_mb")
-    return step, wall - step * exp.train.steps, peak if peak is not None else float("nan")
+    return from_mlflow(exp, result.tracking_uri, result.mlflow_run_id, time.perf_counter() - start)
 
 
 def run_in_process(exp) -> tuple[float, float, float]:
     """fmm's training loop in this process, without Ray: what `fmm train`'s one worker runs."""
-    from mlflow.tracking import MlflowClient
-
     from fmm.jobs.train import open_run
     from fmm.worker.loop import run_loop
     from fmm.worker.sessions import LocalSession
@@ -145,12 +147,7 @@ def run_in_process(exp) -> tuple[float, float, float]:
     record = open_run(exp)
     config = loop_config(exp, record)
     run_loop(config, LocalSession(config["run_dir"]))
-    wall = time.perf_counter() - start
-    client = MlflowClient(record.tracking_uri)
-    rates = [m.value for m in client.get_metric_history(record.mlflow_run_id, "train/samples_per_s")]
-    step = statistics.median(exp.train.batch_size / r for r in rates[1:])
-    peak = client.get_run(record.mlflow_run_id).data.metrics.get("train/peak_rss_mb")
-    return step, wall - step * exp.train.steps, peak if peak is not None else float("nan")
+    return from_mlflow(exp, record.tracking_uri, record.mlflow_run_id, time.perf_counter() - start)
 
 
 def summary(name: str, values: list[float]) -> str:

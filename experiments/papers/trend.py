@@ -74,8 +74,9 @@ def main() -> None:
     print(f"{'method':>8s} {'steps':>5s}  " + "  ".join(f"{n:>24.3g}" for n in sorted({p[0] for v in points.values() for p in v}))
           + f"  {'paper':>7s}  {'meets the paper at':>20s}")
     fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 3.6), sharey=True, squeeze=False)
+    colours = plt.cm.viridis(np.linspace(0, 0.9, len(step_counts)))
     for ax, method in zip(axes[0], methods):
-        for steps, colour in zip(step_counts, plt.cm.viridis(np.linspace(0, 0.9, len(step_counts)))):
+        for steps, colour in zip(step_counts, colours):
             rows = sorted(points.get((method, steps), []))
             finite = [r for r in rows if math.isfinite(r[1]) and r[1] > floor]
             target = published.scores.get(method, {}).get(steps)
@@ -104,7 +105,6 @@ def main() -> None:
         ax.set_title(method)
         ax.set_xlabel("training samples (steps x batch)")
     axes[0][0].set_ylabel(published.metric)
-    colours = plt.cm.viridis(np.linspace(0, 0.9, len(step_counts)))
     handles = [Line2D([], [], marker="o", color=c, label=f"{n} step{'s' if n > 1 else ''}") for n, c in zip(step_counts, colours)]
     handles += [Line2D([], [], marker="*", markersize=9, linestyle="", color="black", label="the paper"),
                 Line2D([], [], linestyle="--", color="black", label="power-law fit"),

@@ -85,6 +85,11 @@ class Report:
 # is scored on its own noise set of that size, beside the floor that exact samples score there.
 KL_SAMPLES = 64_000
 KL_BINS = 50
+
+
+def samples_scored(metric: str, samples):
+    """How many samples a score of `metric` takes: the histogram KL's own noise set, else `samples`."""
+    return KL_SAMPLES if metric == "histogram_kl" else samples
 EVAL_BATCH = 1000  # images sampled per call: a network on a GPU holds no 50,000 at once
 
 
@@ -555,7 +560,7 @@ def format_report(report: Report) -> str:
     elif "flow_map" in report.speedup and report.speedup["flow_map"] is None:
         lines.append(f"the flow map never comes within 10% of the teacher's best {report.primary}")
     for name, value in report.floors.items():
-        size = KL_SAMPLES if name == "histogram_kl" else report.samples
+        size = samples_scored(name, report.samples)
         floor = estimate(report.floor_sets.get(name) or [value]).text()
         lines.append(f"floor: exact samples score {name} {floor} at {size} samples (a perfect sampler's score)")
     if report.note:

@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt
 
 from fmm.evaluation.figures import log_scale_if_positive
 from fmm.evaluation.intervals import Estimate, difference, estimate, rank
-from fmm.evaluation.protocol import KL_SAMPLES, Row, first_within, speedup
+from fmm.evaluation.protocol import Row, first_within, samples_scored, speedup
 from fmm.experiment.study_schema import load_study
 from fmm.infra import tracking
 from fmm.objectives import OBJECTIVES
@@ -464,8 +464,7 @@ def compare_study(uri: str, parent_run_id: str, metric: str | None = None) -> Co
 
 
 def _samples(metric: str, run) -> str:
-    """How many samples each score took: the histogram KL has its own protocol's count."""
-    return f"{KL_SAMPLES:,}" if metric == "histogram_kl" else run.data.tags.get("eval_samples", "?")
+    return str(samples_scored(metric, run.data.tags.get("eval_samples", "?")))
 
 
 def compare_experiment(uri: str, experiment_id: str, name: str, metric: str | None = None) -> Comparison:
